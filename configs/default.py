@@ -1,0 +1,78 @@
+"""Default config: the real garbage dataset, pretrained ResNet50 + DistilBERT, one GPU node.
+
+      python -m jaxmm.train --config configs/default.py --workdir runs/default \
+          --config.data_dir=/path/to/garbage_data
+
+Pretrained weights and the tokenizer are read from local folders (compute nodes are often
+offline); fetch them once on a login node with ``python -m jaxmm.download_weights --out weights``.
+"""
+
+import ml_collections
+
+
+def get_config():
+    """Returns the default training configuration."""
+    c = ml_collections.ConfigDict()
+
+    # --- Data -----------------------------------------------------------------------------------
+    c.data_dir = ""  # Root of CVPR_2024_dataset_{Train,Val,Test}/<Class>/<files>. Required.
+    c.prepared_dir = ""  # Where `jaxmm.prepare` writes; "" = <data_dir>/jaxmm_prepared.
+    c.class_names = ()  # () = the sorted class folders of the Train split.
+    c.text_source = "filename"  # "filename" | "caption" | "both" (captions need the CSVs).
+    c.stored_image_size = 256  # Shorter side the prepared records are stored at (pixels).
+    c.image_size = 224  # Crop fed to the model (pixels).
+    c.max_text_length = 32  # Tokens per text, padded/truncated; texts are 1-10 words.
+    c.tokenizer = "weights/distilbert"  # HF tokenizer folder (or cached hub id); "" = train one.
+    c.tokenizer_vocab_size = 1000  # Only used when tokenizer == "" (a WordPiece trained on Train).
+    c.color_jitter = 0.0  # Strength of brightness/contrast/saturation jitter in training; 0 = off.
+    c.num_workers = 4  # Grain worker processes for the training pipeline; 0 = in-process.
+
+    # Synthetic look-alike data (for demos and tests); generated into data_dir when enabled.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.enabled = False  # Generate data_dir with `jaxmm.data.synthetic` if it holds no dataset.
+    c.demo.per_class = 40  # Train images per class before the class imbalance is applied.
+    c.demo.max_side = 256  # Largest image side of the generated files (pixels).
+    c.demo.seed = 0  # Seed of the generated dataset.
+
+    # --- Model ----------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.modalities = ("image", "text")  # Towers to use; ("text",) = text-only ablation.
+    c.model.image_arch = "resnet50"  # "resnet50" | "tiny" (for tests and the demo).
+    c.model.image_pretrained = "weights/resnet50"  # HF folder, torchvision .safetensors or "".
+    c.model.text_arch = "distilbert"  # "distilbert" | "tiny".
+    c.model.text_pretrained = "weights/distilbert"  # HF folder (or cached hub id) or "".
+    c.model.text_pooling = "cls"  # "cls" | "mean" (masked mean over tokens).
+    c.model.fusion = "concat"  # "concat" (projection + LayerNorm + concat -> MLP) | "gated".
+    c.model.proj_dim = 512  # Per-tower projection width.
+    c.model.hidden_dim = 512  # Hidden width of the fusion MLP.
+    c.model.dropout = 0.3  # Dropout in the fusion head.
+    c.model.modality_dropout = 0.1  # Per-example chance of dropping one tower while training.
+    c.model.dtype = "float32"  # Compute dtype ("bfloat16" on GPUs); parameters stay float32.
+    c.model.freeze_image = False  # Keep the image tower (weights and BatchNorm stats) fixed.
+    c.model.freeze_text = False  # Keep the text tower fixed.
+
+    # --- Optimisation ---------------------------------------------------------------------------
+    c.batch_size = 64  # Global batch, split over all devices of all processes.
+    c.eval_batch_size = 128  # Global evaluation batch; the last batch is padded and masked.
+    c.num_epochs = 10  # Upper bound; early stopping usually ends sooner (best epochs are 3-7).
+    c.seed = 0  # Root of every random choice (init, shuffling, augmentation, dropout).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr_image = 3e-5  # Peak learning rate of the image tower.
+    c.optim.lr_text = 3e-5  # Peak learning rate of the text tower.
+    c.optim.lr_head = 1e-3  # Peak learning rate of the fusion head.
+    c.optim.warmup_epochs = 0.5  # Linear warm-up, then cosine decay to final_lr_fraction * peak.
+    c.optim.final_lr_fraction = 0.01  # Learning rate at the last step, relative to the peak.
+    c.optim.weight_decay = 0.01  # AdamW decay; never applied to biases and norm scales.
+    c.optim.grad_clip_norm = 1.0  # Global gradient-norm clip; 0 = off.
+    c.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+    c.class_weights = "balanced"  # "balanced" (N / (K * n_k) from Train), "none", or a list.
+
+    # --- Evaluation, checkpoints, logging -------------------------------------------------------
+    c.early_stopping_metric = "macro_f1"  # Validation metric that picks the best checkpoint.
+    c.patience = 3  # Epochs without improvement before stopping; 0 = never stop early.
+    c.checkpoint_every_steps = 200  # Also saved at every epoch end and on SIGTERM/SIGUSR1.
+    c.keep_checkpoints = 2  # Latest checkpoints kept (the best one is kept separately).
+    c.log_every_steps = 20  # Metrics are fetched from the devices only at these steps.
+    c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
+    c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.
+    return c

@@ -1,0 +1,64 @@
+"""Classification metrics computed exactly from a confusion matrix of counts.
+
+Devices psum their confusion matrices, so every metric here counts each example once, whatever
+the batch size, device count or process count.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    # scikit-learn's zero_division=0 convention.
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def from_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro/weighted precision-recall-F1 and per-class metrics.
+
+    Args:
+      confusion: [K, K] counts, rows = true class, columns = predicted class.
+      class_names: the K class names in label order.
+
+    Returns:
+      A JSON-ready dict; values match scikit-learn's with ``zero_division=0``.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    total = cm.sum()
+    present = support > 0
+    weights = _safe_div(support, np.full_like(support, total))
+    return {
+        "num_examples": int(round(total)),
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "weighted_precision": float((precision * weights).sum()),
+        "weighted_recall": float((recall * weights).sum()),
+        "weighted_f1": float((f1 * weights).sum()),
+        "per_class": {
+            name: {"precision": float(precision[k]), "recall": float(recall[k]),
+                   "f1": float(f1[k]), "support": int(round(support[k]))}
+            for k, name in enumerate(class_names)
+        },
+        "confusion_matrix": {"labels": list(class_names),
+                             "counts": cm.round().astype(int).tolist()},
+    }
+
+
+def loss_metrics(sums: dict) -> dict:
+    """Turns psummed loss sums into the weighted loss and the plain cross-entropy."""
+    weight = float(sums["weight"])
+    count = float(sums["count"])
+    return {
+        "loss": float(sums["weighted_ce"]) / weight if weight else float("nan"),
+        "ce": float(sums["ce"]) / count if count else float("nan"),
+    }

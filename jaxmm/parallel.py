@@ -1,0 +1,164 @@
+"""Everything that knows about ``jax.pmap``: the axis name, batch sharding, device prefetch,
+replication and multi-process start-up.
+
+Keeping this in one module means a later move to ``jit`` + ``NamedSharding`` stays local.
+"""
+
+import collections
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+# The one axis name used by pmap, BatchNorm and every collective.
+AXIS_NAME = "batch"
+
+
+def _launched_multiprocess() -> bool:
+    """True when this process is one of several (an srun step, or explicit JAX_* variables)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    # Inside an srun step with more than one task; a bare sbatch shell is not enough.
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1 \
+        and "SLURM_STEP_ID" in os.environ
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """Calls ``jax.distributed.initialize`` when the launch has several processes.
+
+    Must run before anything touches a JAX device. Explicit arguments (or the
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables) win;
+    otherwise JAX auto-detects a Slurm ``srun`` step. CPU runs use gloo collectives.
+
+    Args:
+      coordinator_address: "host:port" of process 0, or "" to auto-detect.
+      num_processes: total number of processes, or 0 to auto-detect.
+      process_id: this process's index, or -1 to auto-detect.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    if process_id < 0:
+        process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if not (coordinator_address or _launched_multiprocess()):
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms == "cpu" or (not platforms and not _has_gpu_env()):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator_address:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _has_gpu_env() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("SLURM_JOB_GPUS")
+                or os.environ.get("SLURM_GPUS_ON_NODE"))
+
+
+def check_batch_size(global_batch: int, name: str = "batch_size") -> int:
+    """Returns the per-process batch size, checking the global one splits evenly.
+
+    Args:
+      global_batch: the global batch size from the config.
+      name: the config key, for the error message.
+
+    Returns:
+      global_batch // jax.process_count().
+    """
+    devices = jax.device_count()
+    if global_batch % devices:
+        raise ValueError(f"config.{name}={global_batch} is not divisible by the {devices} devices "
+                         f"of this run; choose a multiple of {devices}")
+    return global_batch // jax.process_count()
+
+
+def shard(batch: dict) -> dict:
+    """Reshapes host arrays [B, ...] to [local_devices, B / local_devices, ...]."""
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), batch)
+
+
+def _device_axis_sharding() -> jax.sharding.NamedSharding:
+    """Splits a leading axis over the local devices, in the order pmap uses."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("_devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("_devices"))
+
+
+def _put_sharded(batch: dict) -> dict:
+    return jax.device_put(shard(batch), _device_axis_sharding())
+
+
+def prefetch_to_device(iterator: Iterator, size: int = 2) -> Iterator[tuple[dict, object]]:
+    """Places batches on the local devices ``size`` steps ahead of the train step.
+
+    Yields (device_batch, iterator_state) where ``iterator_state`` is the grain iterator state
+    right after that batch was drawn: saving it (not the live iterator, which has run ahead)
+    makes resume exact.
+
+    Args:
+      iterator: a grain DatasetIterator yielding host batches.
+      size: how many batches to keep in flight.
+    """
+    queue = collections.deque()
+
+    def enqueue():
+        batch = next(iterator)
+        queue.append((_put_sharded(batch), iterator.get_state()))
+
+    try:
+        for _ in range(max(size, 1)):
+            enqueue()
+    except StopIteration:
+        pass
+    while queue:
+        item = queue.popleft()
+        try:
+            enqueue()
+        except StopIteration:
+            pass
+        yield item
+
+
+def replicate(tree):
+    """Copies a host pytree onto every local device (leading device axis)."""
+    n = jax.local_device_count()
+    sharding = _device_axis_sharding()
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (n,) + x.shape), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate_to_host(tree):
+    """Fetches the first local replica of a replicated pytree as NumPy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
+
+
+def first(tree):
+    """The first local replica, kept on device (no host transfer)."""
+    return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.asarray(flags).any())
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
