@@ -1,0 +1,60 @@
+"""Shared plumbing of the command-line entry points: one-line errors instead of tracebacks for
+user mistakes, and quiet logging on processes other than 0."""
+
+import contextlib
+import os
+import sys
+
+from absl import app, flags, logging
+
+# Exceptions that mean "the input or the config is wrong", not "jaxmm has a bug".
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
+               OSError)
+
+
+def _one_line(prog: str, error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{prog}: error: {text}"
+
+
+def _parse_flags(argv):
+    """absl flag parsing that reports a bad flag or config key on one line."""
+    prog = os.path.basename(argv[0]) if argv else "jaxmm"
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections reports a mistyped --config.key as an AttributeError ("Did you mean").
+        print(_one_line(prog, e), file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main, prog: str) -> None:
+    """Runs ``main(argv)`` under absl with one-line user errors (exit code 2 for flags, 1 else).
+
+    Set ``JAXMM_TRACEBACK=1`` to see the full traceback of a user error.
+    """
+    def wrapped(argv):
+        with user_errors(prog):
+            return main(argv)
+
+    sys.argv[0] = prog
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """Turns USER_ERRORS into one line on stderr and exit code 1."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("JAXMM_TRACEBACK"):
+            raise
+        print(_one_line(prog, e) + "  (JAXMM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def setup_logging() -> None:
+    """INFO logs on process 0, warnings only elsewhere (call after distributed init)."""
+    import jax
+
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)

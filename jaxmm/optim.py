@@ -1,0 +1,63 @@
+"""The optimizer: AdamW with per-tower learning rates, warm-up + cosine decay, no weight decay on
+biases and norm scales, global-norm clipping, and frozen towers that never move."""
+
+import jax
+import ml_collections
+import optax
+
+_TOWERS = ("image", "text", "head")
+
+
+def _schedule(peak: float, warmup_steps: int, total_steps: int, final_fraction: float):
+    warmup_steps = max(min(warmup_steps, total_steps - 1), 0)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup_steps else peak, peak_value=peak, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, 1), end_value=peak * final_fraction)
+
+
+def _decay_mask(params):
+    # Kernels and embeddings decay; biases, LayerNorm/BatchNorm scales (1-D leaves) do not.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, labels, total_steps: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+    """Builds the optimizer for a parameter tree whose leaves are labelled by tower.
+
+    Args:
+      config: the full config (reads ``optim`` and ``model.freeze_*``).
+      labels: pytree like the params with "image" | "text" | "head" leaves.
+      total_steps: number of train steps of the whole run (for the cosine decay).
+      steps_per_epoch: train steps per epoch (for the warm-up length).
+
+    Returns:
+      An optax transformation; frozen towers get exactly zero updates.
+    """
+    o = config.optim
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    frozen = {"image": config.model.freeze_image, "text": config.model.freeze_text, "head": False}
+    peaks = {"image": o.lr_image, "text": o.lr_text, "head": o.lr_head}
+    inner = {}
+    for tower in _TOWERS:
+        if frozen[tower]:
+            inner[tower] = optax.set_to_zero()
+        else:
+            lr = _schedule(peaks[tower], warmup, total_steps, o.final_lr_fraction)
+            inner[tower] = optax.adamw(lr, weight_decay=o.weight_decay, mask=_decay_mask)
+    # Zero frozen gradients before clipping so they do not shrink the trainable ones.
+    keep = {t: optax.set_to_zero() if frozen[t] else optax.identity() for t in _TOWERS}
+    chain = [optax.multi_transform(keep, labels)]
+    if o.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    chain.append(optax.multi_transform(inner, labels))
+    return optax.chain(*chain)
+
+
+def learning_rates(config: ml_collections.ConfigDict, step: int, total_steps: int,
+                   steps_per_epoch: int) -> dict:
+    """The learning rate of each tower at ``step`` (for logging)."""
+    o = config.optim
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    peaks = {"image": o.lr_image, "text": o.lr_text, "head": o.lr_head}
+    return {f"lr_{t}": float(_schedule(p, warmup, total_steps, o.final_lr_fraction)(step))
+            for t, p in peaks.items()}

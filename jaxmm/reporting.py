@@ -1,0 +1,153 @@
+"""What a run shows and leaves behind: metrics.jsonl, TensorBoard events, config.json, a
+learning-curve PNG and a progress bar. Everything here is a no-op on processes other than 0."""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+
+import jax
+import numpy as np
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+             "tensorflow-datasets", "transformers", "numpy")
+
+
+def is_writer() -> bool:
+    """Only process 0 writes logs, plots and reports."""
+    return jax.process_index() == 0
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info() -> dict:
+    """Package versions, devices, processes and the git commit of this run."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "device_kind": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "git_commit": _git_commit(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Writes JSON atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    return str(x)
+
+
+class MetricWriter:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self._enabled = is_writer()
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self._enabled:
+            from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        """Records scalar ``values`` of ``kind`` ("train" or "val") at ``step``."""
+        if not self._enabled:
+            return
+        row = {"step": int(step), "kind": kind,
+               **{k: _jsonable(v) if not isinstance(v, (int, float)) else v
+                  for k, v in values.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float, np.number)):
+                self._tb.add_scalar(f"{kind}/{key}", float(value), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Rows of ``metrics.jsonl`` (empty if the file does not exist)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_learning_curves(workdir: str, metric: str) -> str | None:
+    """Draws train/validation loss and the validation ``metric`` per step into a PNG."""
+    rows = read_metrics(workdir)
+    if not is_writer() or not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (weighted)")
+    ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+    ax_loss.set(xlabel="step", ylabel="class-weighted cross-entropy", title="Loss")
+    ax_loss.legend()
+    for key in dict.fromkeys(("accuracy", metric)):
+        ax_metric.plot([r["step"] for r in val], [r.get(key) for r in val], "o-", label=key)
+    ax_metric.set(xlabel="step", title="Validation", ylim=(0, 1))
+    ax_metric.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "learning_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class Progress:
+    """A per-epoch tqdm bar with loss and samples/s (process 0 only)."""
+
+    def __init__(self, epoch: int, total: int, initial: int):
+        self._bar = None
+        if is_writer():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}",
+                             unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,62 @@
+"""Orbax checkpoints: latest-K plus a separate best copy, data-iterator position, restore for
+evaluation without the optimizer state."""
+
+import grain
+import numpy as np
+import optax
+import pytest
+
+from jaxmm import checkpointing
+
+
+def _state(step, value):
+    params = {"image": {"w": np.full((2, 3), value, np.float32)},
+              "head": {"b": np.full(3, value, np.float32)}}
+    return {"step": np.int32(step), "params": params,
+            "batch_stats": {"image": {"mean": np.full(3, value, np.float32)}},
+            "opt_state": optax.adam(1e-3).init(params)}
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def test_save_restore_latest_and_iterator_position(tmp_path):
+    it = _iterator()
+    ckpts = checkpointing.Checkpoints(str(tmp_path), keep=2)
+    assert ckpts.latest_step() is None
+    for step in (10, 20, 30):
+        for _ in range(10):
+            next(it)
+        ckpts.save(step, _state(step, step), it.get_state(), {"epoch": step // 10})
+    ckpts.close()
+    assert checkpointing.available(str(tmp_path))["all"] == [20, 30]  # Only the latest 2 kept.
+
+    fresh = _iterator()
+    restored, progress = checkpointing.Checkpoints(str(tmp_path), 2).restore(_state(0, 0), fresh)
+    assert int(restored["step"]) == 30 and progress == {"epoch": 3}
+    np.testing.assert_array_equal(restored["params"]["head"]["b"], 30)
+    assert next(fresh) == 30  # The data resumes right after the last saved batch.
+
+
+def test_best_is_kept_separately_and_restores_without_optimizer(tmp_path):
+    ckpts = checkpointing.Checkpoints(str(tmp_path), keep=1)
+    state = _state(5, 1.0)
+    ckpts.save_best(5, {"params": state["params"], "batch_stats": state["batch_stats"]},
+                    {"epoch": 1})
+    for step in (5, 9, 12):
+        ckpts.save(step, _state(step, step), {"next_index": step}, {"epoch": 1})
+    ckpts.close()
+    variables, step = checkpointing.restore_model(str(tmp_path), "best")
+    assert step == 5 and set(variables) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(variables["params"]["image"]["w"], 1.0)
+    variables, step = checkpointing.restore_model(str(tmp_path), "latest")
+    assert step == 12
+    np.testing.assert_array_equal(variables["batch_stats"]["image"]["mean"], 12.0)
+    with pytest.raises(FileNotFoundError, match="no '7' checkpoint"):
+        checkpointing.restore_model(str(tmp_path), "7")
+
+
+def test_missing_workdir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no 'best' checkpoint"):
+        checkpointing.restore_model(str(tmp_path / "nothing"), "best")
