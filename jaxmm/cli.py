@@ -53,8 +53,17 @@ def user_errors(prog: str):
         sys.exit(1)
 
 
+class _OwnInfoOnly:
+    """Keeps INFO lines of jaxmm itself; libraries (orbax, grain) only speak up for warnings."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.converter.STANDARD_WARNING or (
+            f"{os.sep}jaxmm{os.sep}" in record.pathname)
+
+
 def setup_logging() -> None:
     """INFO logs on process 0, warnings only elsewhere (call after distributed init)."""
     import jax
 
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())

@@ -84,12 +84,17 @@ def shard(batch: dict) -> dict:
 
 
 def _device_axis_sharding() -> jax.sharding.NamedSharding:
-    """Splits a leading axis over the local devices, in the order pmap uses."""
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("_devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("_devices"))
+    """Splits a leading axis over the local devices, in the order pmap uses.
+
+    It matches the sharding of pmap's own outputs (same devices, same axis name), so a state
+    fed back into the step does not look new to pmap's cache and trigger a second compile.
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS_NAME,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
 
 
-def _put_sharded(batch: dict) -> dict:
+def shard_to_devices(batch: dict) -> dict:
+    """Splits a host batch over the local devices and transfers it."""
     return jax.device_put(shard(batch), _device_axis_sharding())
 
 
@@ -108,7 +113,7 @@ def prefetch_to_device(iterator: Iterator, size: int = 2) -> Iterator[tuple[dict
 
     def enqueue():
         batch = next(iterator)
-        queue.append((_put_sharded(batch), iterator.get_state()))
+        queue.append((shard_to_devices(batch), iterator.get_state()))
 
     try:
         for _ in range(max(size, 1)):
