@@ -7,9 +7,10 @@ import sys
 
 from absl import app, flags, logging
 
-# Exceptions that mean "the input or the config is wrong", not "jaxmm has a bug".
+# Exceptions that mean "the input or the config is wrong" (or, for FloatingPointError, "the run
+# diverged"), not "jaxmm has a bug".
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
-               OSError)
+               OSError, FloatingPointError)
 
 
 def _one_line(prog: str, error: BaseException) -> str:

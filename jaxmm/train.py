@@ -1,0 +1,52 @@
+"""Trains the fusion classifier.
+
+    python -m jaxmm.train --config configs/default.py --workdir runs/x [--config.KEY=VALUE ...]
+
+Resumes automatically when the workdir holds a checkpoint. Under Slurm (``srun``, one process per
+GPU) or with ``--coordinator_address`` it starts ``jax.distributed`` first. Exit codes: 0 done
+(finished or stopped early), 75 stopped by SIGTERM/SIGUSR1 after saving (resubmit to resume),
+1 error, 2 bad flags.
+"""
+
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from jaxmm import cli, parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0 for a multi-process run outside Slurm.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.setup_logging()
+    import jax
+
+    from jaxmm import trainer
+
+    logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if summary["status"] == "preempted":
+        logging.warning("stopped after saving step %d; run the same command to resume",
+                        summary["step"])
+        sys.exit(trainer.EXIT_PREEMPTED)
+    if jax.process_index() == 0:
+        best = summary["best_validation"] or {}
+        print(f"{summary['status']} at step {summary['step']}; best epoch {summary['best_epoch']}: "
+              f"val accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
+              f"{best.get('macro_f1', float('nan')):.4f}. Workdir: {summary['workdir']}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "jaxmm.train")
