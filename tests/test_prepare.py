@@ -1,0 +1,193 @@
+"""Tests of prepare: report, bad input, idempotence, errors, ensure_prepared."""
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
+from PIL import Image
+
+from jaxmm import prepare
+from jaxmm.data import synthetic
+from jaxmm.data.builder import PrepareError
+
+
+@functools.cache
+def demo_dataset() -> tuple[str, str]:
+    """(raw dir, dataset dir) of a small prepared synthetic dataset, shared by test modules.
+
+    Other modules import this function, so this file may be loaded twice (as a test module and
+    as tests.test_prepare); a per-process path plus prepare's idempotence builds it only once.
+    """
+    root = os.path.join(tempfile.gettempdir(), f"jaxmm_test_data_{os.getpid()}")
+    raw = os.path.join(root, "raw")
+    if not os.path.isdir(raw):
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        synthetic.generate(raw, per_class=12, seed=0, max_side=96, workers=1)
+    ds_dir, _ = prepare.prepare(raw, os.path.join(root, "out"), image_size=48, workers=1,
+                                log=lambda s: None)
+    return raw, ds_dir
+
+
+def _records(ds_dir, split):
+    src = tfds.builder_from_directory(ds_dir).as_data_source(split)
+    return {r["file_name"].decode(): r for r in (src[i] for i in range(len(src)))}
+
+
+def test_report_counts_match_files_on_disk():
+    raw, ds_dir = demo_dataset()
+    report = json.load(open(os.path.join(os.path.dirname(os.path.dirname(ds_dir)),
+                                         prepare.REPORT_FILE)))
+    for split, folder in (("train", "Train"), ("validation", "Val"), ("test", "Test")):
+        for cls in report["class_names"]:
+            on_disk = len(os.listdir(os.path.join(raw, f"CVPR_2024_dataset_{folder}", cls)))
+            assert report["counts"][split][cls] == on_disk
+    assert report["skipped"] == []
+    assert report["class_names"] == sorted(synthetic.CLASSES)
+    assert report["text_sources"]["train"]["filename"] == report["num_examples"]["train"]
+    assert report["options"]["text_source"] == "filename"
+
+
+def test_builder_from_directory_opens_result():
+    _, ds_dir = demo_dataset()
+    b = tfds.builder_from_directory(ds_dir)
+    assert set(b.info.splits) == {"train", "validation", "test"}
+    assert b.info.features["label"].names == sorted(synthetic.CLASSES)
+    rec = b.as_data_source("train")[0]
+    assert rec["image"].dtype == np.uint8 and rec["image"].shape[2] == 3
+    assert min(rec["image"].shape[:2]) == 48
+    assert rec["file_name"].decode().startswith("CVPR_2024_dataset_Train/")
+    assert isinstance(rec["text"], bytes) and isinstance(int(rec["label"]), int)
+
+
+def _bad_inputs(black: str) -> dict:
+    """Writes every kind of bad or unusual file; returns name -> expected outcome."""
+    ok = os.path.join(black, "ok_1.png")
+    data = open(ok, "rb").read()
+    with open(os.path.join(black, "corrupt_1.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    with open(os.path.join(black, "truncated_1.png"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    open(os.path.join(black, "empty_1.png"), "wb").close()
+    with open(os.path.join(black, "notes.txt"), "w") as f:
+        f.write("not an image")
+    Image.new("1", (9000, 9000)).save(os.path.join(black, "bomb_1.png"))  # 81 Mpx, tiny file
+    os.symlink(os.path.join(black, "gone.png"), os.path.join(black, "dangling_1.png"))
+    Image.new("L", (40, 30), 100).save(os.path.join(black, "grey_1.png"))
+    pal = Image.new("P", (40, 30), 1)
+    pal.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    pal.save(os.path.join(black, "palette_1.png"), transparency=0)
+    Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(os.path.join(black, "deep_1.png"))
+    Image.new("RGBA", (40, 30), (10, 200, 10, 128)).save(os.path.join(black, "alpha_1.png"))
+    Image.new("RGB", (40, 30), (5, 5, 250)).save(os.path.join(black, "Café_ñandú_2.png"))
+    return {"corrupt_1.png", "truncated_1.png", "empty_1.png", "notes.txt", "bomb_1.png",
+            "dangling_1.png"}
+
+
+@pytest.fixture(scope="module")
+def raw_small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw_small")
+    synthetic.generate(str(root), per_class=3, seed=5, max_side=48, workers=1)
+    black = os.path.join(root, "CVPR_2024_dataset_Train", "Black")
+    Image.new("RGB", (50, 40), (90, 90, 90)).save(os.path.join(black, "ok_1.png"))
+    return str(root)
+
+
+def test_bad_input_skipped_and_converted(raw_small, tmp_path):
+    raw = str(tmp_path / "raw")
+    shutil.copytree(raw_small, raw)
+    bad = _bad_inputs(os.path.join(raw, "CVPR_2024_dataset_Train", "Black"))
+    ds_dir, _ = prepare.prepare(raw, str(tmp_path / "out"), image_size=32, workers=2,
+                                log=lambda s: None)
+    report = json.load(open(tmp_path / "out" / prepare.REPORT_FILE))
+    skipped = {os.path.basename(s["file"]): s["reason"] for s in report["skipped"]}
+    assert set(skipped) == bad, skipped
+    assert "Bomb" in skipped["bomb_1.png"] and "0 bytes" in skipped["empty_1.png"]
+    recs = _records(ds_dir, "train")
+    black = "CVPR_2024_dataset_Train/Black/"
+    for name in ("grey_1.png", "palette_1.png", "deep_1.png", "alpha_1.png", "Café_ñandú_2.png"):
+        assert recs[black + name]["image"].shape == (32, 43, 3), name
+    assert abs(int(recs[black + "deep_1.png"]["image"].mean()) - 128) < 3  # rescaled, not white
+    assert recs[black + "palette_1.png"]["image"][..., 0].mean() > 150
+    assert recs[black + "Café_ñandú_2.png"]["text"].decode() == "café ñandú"
+    n_files = sum(len(f) for _, _, f in os.walk(os.path.join(raw, "CVPR_2024_dataset_Train")))
+    assert report["num_examples"]["train"] + len(bad) == n_files
+
+
+def test_idempotent_and_rebuild(raw_small, tmp_path):
+    raw = str(tmp_path / "raw")
+    shutil.copytree(raw_small, raw)
+    out = str(tmp_path / "out")
+    kw = dict(image_size=32, workers=1, log=lambda s: None)
+    assert prepare.prepare(raw, out, **kw)[1]
+    assert not prepare.prepare(raw, out, **kw)[1]
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(
+        os.path.join(raw, "CVPR_2024_dataset_Val", "Blue", "new_1.png"))
+    assert prepare.prepare(raw, out, **kw)[1]
+    assert not prepare.prepare(raw, out, **kw)[1]
+    ds_dir, built = prepare.prepare(raw, out, text_source="caption", **kw)
+    assert built
+    report = json.load(open(os.path.join(out, prepare.REPORT_FILE)))
+    t = report["text_sources"]
+    assert t["train"]["csv"] > 0 and t["train"]["csv"] + t["train"]["fallback"] == \
+        report["num_examples"]["train"]
+    assert t["validation"]["fallback"] == report["num_examples"]["validation"]
+    assert any("no captions CSV" in w for w in report["warnings"])
+
+
+def test_user_errors(raw_small, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_small, raw)
+    shutil.rmtree(raw / "CVPR_2024_dataset_Test")
+    with pytest.raises(PrepareError, match="CVPR_2024_dataset_Test"):
+        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+    code = prepare.main(["--data_dir", str(raw), "--out_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "CVPR_2024_dataset_Test" in err
+    (raw / "CVPR_2024_dataset_Test").mkdir()
+    with pytest.raises(PrepareError, match="holds no images"):
+        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+    (raw / "CVPR_2024_dataset_Test" / "Purple").mkdir()
+    with pytest.raises(PrepareError, match="Purple"):
+        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+    with pytest.raises(PrepareError, match="does not exist"):
+        prepare.prepare(str(tmp_path / "nope"), str(tmp_path / "o"), log=lambda s: None)
+
+
+def _config(data_dir, out_dir):
+    return ConfigDict(dict(
+        data_dir=data_dir, prepared_dir=out_dir, class_names=(), text_source="filename",
+        stored_image_size=32, tokenizer="", tokenizer_vocab_size=200,
+        demo=ConfigDict(dict(enabled=True, per_class=3, max_side=48, seed=0))))
+
+
+def test_ensure_prepared_demo_and_waiting(tmp_path, monkeypatch):
+    config = _config(str(tmp_path / "data"), str(tmp_path / "out"))
+    ds_dir = prepare.ensure_prepared(config)
+    assert os.path.isfile(os.path.join(ds_dir, "tokenizer", "tokenizer.json"))
+    assert os.path.isfile(tmp_path / "out" / prepare.DONE_MARKER)
+    import jax
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert prepare.ensure_prepared(config, timeout_s=5, poll_s=0.1) == ds_dir
+    os.remove(tmp_path / "out" / prepare.DONE_MARKER)
+    with pytest.raises(PrepareError, match="completion marker"):
+        prepare.ensure_prepared(config, timeout_s=0.3, poll_s=0.1)
+
+
+def test_class_names_from_config(raw_small, tmp_path):
+    order = ("TTR", "Green", "Blue", "Black")
+    ds_dir, _ = prepare.prepare(raw_small, str(tmp_path / "o"), image_size=32, workers=1,
+                                class_names=order, log=lambda s: None)
+    assert tfds.builder_from_directory(ds_dir).info.features["label"].names == list(order)
+    recs = _records(ds_dir, "train")
+    assert all(order[int(r["label"])] == name.split("/")[1] for name, r in recs.items())
+    with pytest.raises(PrepareError, match="TTR"):
+        prepare.prepare(raw_small, str(tmp_path / "o2"), class_names=order[1:],
+                        log=lambda s: None)

@@ -1,0 +1,45 @@
+"""Tests of the tokenizer loader and the demo WordPiece tokenizer."""
+
+import os
+
+import pytest
+import transformers
+from ml_collections import ConfigDict
+
+from jaxmm.data import tokenizer as tokenizer_lib
+from tests.test_prepare import demo_dataset
+
+
+def test_trained_wordpiece_is_distilbert_compatible(tmp_path):
+    tok = tokenizer_lib.train_wordpiece(["Plastic bottle", "banana peel", "plastic spoon"] * 5,
+                                        100, str(tmp_path / "tok"))
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    slow_compatible = transformers.DistilBertTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    for t in (tok, slow_compatible):
+        assert t.pad_token_id == 0
+        assert [t.cls_token, t.sep_token, t.unk_token, t.mask_token] == [
+            "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+        enc = t(["PLASTIC Bottle", "zzz"], padding="max_length", max_length=6)
+        assert enc["input_ids"][0][0] == t.cls_token_id
+        assert t.convert_ids_to_tokens(enc["input_ids"][0][1:3]) == ["plastic", "bottle"]
+        assert enc["attention_mask"][0] == [1, 1, 1, 1, 0, 0]
+
+
+def test_get_tokenizer_trains_once_then_loads():
+    _, ds_dir = demo_dataset()
+    config = ConfigDict(dict(tokenizer="", tokenizer_vocab_size=300))
+    tok = tokenizer_lib.get_tokenizer(config, ds_dir)
+    path = os.path.join(ds_dir, "tokenizer", "tokenizer.json")
+    mtime = os.path.getmtime(path)
+    again = tokenizer_lib.get_tokenizer(config, ds_dir)
+    assert os.path.getmtime(path) == mtime and again.get_vocab() == tok.get_vocab()
+    config.tokenizer = os.path.join(ds_dir, "tokenizer")
+    assert tokenizer_lib.get_tokenizer(config, ds_dir).get_vocab() == tok.get_vocab()
+
+
+def test_offline_uncached_hub_id_is_one_clear_line():
+    config = ConfigDict(dict(tokenizer="someone/not-cached-tokenizer-xyz"))
+    with pytest.raises(tokenizer_lib.TokenizerError) as err:
+        tokenizer_lib.get_tokenizer(config, "")
+    msg = str(err.value)
+    assert "\n" not in msg and "pre-download" in msg and "config.tokenizer" in msg
