@@ -1,0 +1,77 @@
+"""Pre-downloads the pretrained towers and tokenizer on a machine with internet access.
+
+    python -m jaxmm.download_weights --out DIR [--image_model ID] [--text_model ID]
+
+writes DIR/resnet50 (HF-format ResNet weights + config.json) and DIR/distilbert (DistilBERT
+weights, config.json and tokenizer files). Then set config.model.image_pretrained=DIR/resnet50,
+config.model.text_pretrained=DIR/distilbert and config.tokenizer=DIR/distilbert. A
+torchvision-format checkpoint such as timm/resnet50.tv_in1k can be fetched with --image_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# One weight file is enough; safetensors first because it loads without torch or TF.
+WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack")
+SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json",
+              "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def select_files(repo_files: list[str]) -> list[str]:
+    """Picks the files to fetch from a hub repository listing.
+
+    Raises:
+      ValueError: when the repository has no loadable single-file weights.
+    """
+    weights = [name for name in WEIGHT_FILES if name in repo_files]
+    if not weights:
+        raise ValueError(f"no {' or '.join(WEIGHT_FILES)} in the repository (found "
+                         f"{sorted(repo_files)[:10]})")
+    return [weights[0], *(name for name in SIDE_FILES if name in repo_files)]
+
+
+def fetch(repo_id: str, out_dir: str, revision: str | None = None) -> list[str]:
+    """Downloads the selected files of ``repo_id`` into ``out_dir``; returns their names."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = select_files(HfApi().list_repo_files(repo_id, revision=revision))
+    snapshot_download(repo_id, revision=revision, local_dir=out_dir, allow_patterns=files)
+    return files
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--image_model", default="microsoft/resnet-50",
+                        help="hub id of the ResNet-50 (HF or torchvision/timm format)")
+    parser.add_argument("--text_model", default="distilbert-base-uncased",
+                        help="hub id of the DistilBERT model and tokenizer")
+    parser.add_argument("--revision", default=None, help="hub revision for both repositories")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fetches both towers, checks that they load, and prints the config lines to use."""
+    args = parse_args(argv)
+    from jaxmm.models import pretrained
+
+    image_dir = os.path.join(args.out, "resnet50")
+    text_dir = os.path.join(args.out, "distilbert")
+    print(f"{args.image_model} -> {image_dir}: {fetch(args.image_model, image_dir, args.revision)}")
+    print(f"{args.text_model} -> {text_dir}: {fetch(args.text_model, text_dir, args.revision)}")
+    print(f"image tower: {len(pretrained.read_image_state(image_dir))} tensors readable")
+    print(f"text tower: {len(pretrained.read_text_state(text_dir)[0])} modules readable")
+    from transformers import AutoTokenizer
+
+    print(f"tokenizer: vocabulary of {len(AutoTokenizer.from_pretrained(text_dir))}")
+    print("Use:\n"
+          f"  --config.model.image_pretrained={image_dir}\n"
+          f"  --config.model.text_pretrained={text_dir}\n"
+          f"  --config.tokenizer={text_dir}")
+
+
+if __name__ == "__main__":
+    main()

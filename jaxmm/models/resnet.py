@@ -1,0 +1,228 @@
+"""Image tower: a linen ResNet-50 v1.5 (and a tiny variant) plus weight-name converters.
+
+The tower is written here rather than reusing transformers' ``FlaxResNetModule`` because its
+BatchNorm layers must take an ``axis_name`` (statistics synchronised across pmap devices), and
+because two checkpoint layouts have to load into it: HF-format ``ResNetModel`` weights and
+torchvision-format state dicts. Module names follow torchvision (``conv1``, ``bn1``,
+``layer1_0/conv1`` ...), so each layout needs one key-mapping converter.
+
+v1.5 means the stride-2 convolution of a downsampling block is the 3x3 one (torchvision, HF
+``downsample_in_bottleneck=False``), not the first 1x1.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# depths: bottleneck blocks per stage; widths: bottleneck (3x3) channels; output = 4 * width.
+ARCHS = {
+    "resnet50": {"depths": (3, 4, 6, 3), "widths": (64, 128, 256, 512)},
+    "tiny": {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)},
+}
+EXPANSION = 4
+
+# torchvision / timm classifier and HF ``ResNetForImageClassification`` head: ImageNet-only.
+IMAGE_TASK_HEADS = ("fc", "classifier")
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def feature_dim(arch: str) -> int:
+    """Size of the pooled feature vector the tower returns for ``arch``."""
+    return ARCHS[arch]["widths"][-1] * EXPANSION
+
+
+def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+    """Maps uint8 (or float 0..255) NHWC images to ImageNet-normalised float32."""
+    x = images.astype(jnp.float32) / 255.0
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (x - mean) / std
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck block (stride on the 3x3 convolution)."""
+
+    width: int
+    stride: int
+    use_projection: bool
+    norm: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=_conv_init,
+        )
+        s = (self.stride, self.stride)
+        y = nn.relu(self.norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
+        y = conv(self.width, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn3")(conv(self.width * EXPANSION, (1, 1), name="conv3")(y))
+        residual = x
+        if self.use_projection:
+            residual = conv(self.width * EXPANSION, (1, 1), strides=s, name="downsample_conv")(x)
+            residual = self.norm(name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet image tower returning global-average-pooled float32 features.
+
+    Attributes:
+      arch: key of ``ARCHS`` ('resnet50' or 'tiny').
+      dtype: compute dtype (parameters are always float32).
+      axis_name: pmap axis over which training BatchNorm statistics are averaged (None: local).
+      frozen: if True, BatchNorm always uses (and never updates) the running averages.
+    """
+
+    arch: str = "resnet50"
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+    frozen: bool = False
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        """Args: images uint8/float [B,H,W,3] in 0..255. Returns: float32 [B, feature_dim]."""
+        spec = ARCHS[self.arch]
+        use_avg = self.frozen or not train
+        # Outside a pmap the axis is unbound, so it is only named when batch stats are computed.
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=use_avg, momentum=0.9, epsilon=1e-5,
+            dtype=self.dtype, param_dtype=jnp.float32,
+            axis_name=None if use_avg else self.axis_name,
+        )
+        x = normalize_images(images).astype(self.dtype)
+        x = nn.Conv(spec["widths"][0], (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=_conv_init, name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (depth, width) in enumerate(zip(spec["depths"], spec["widths"], strict=True)):
+            for block in range(depth):
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = Bottleneck(width, stride, block == 0, norm, self.dtype,
+                               name=f"layer{stage + 1}_{block}")(x)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------- converters
+# Canonical intermediate form: a flat dict of torchvision names -> arrays in PyTorch layout.
+
+_HF_STEM = re.compile(r"^embedder\.embedder\.(convolution|normalization)\.(\w+)$")
+_HF_BLOCK = re.compile(
+    r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:layer\.(\d+)|(shortcut))\."
+    r"(convolution|normalization)\.(\w+)$"
+)
+
+
+def _hf_name_to_torchvision(name: str) -> str | None:
+    """Maps one HF ``ResNetModel`` key (no 'resnet.' prefix) to torchvision; None if unknown."""
+    m = _HF_STEM.match(name)
+    if m:
+        return ("conv1." if m[1] == "convolution" else "bn1.") + m[2]
+    m = _HF_BLOCK.match(name)
+    if not m:
+        return None
+    prefix = f"layer{int(m[1]) + 1}.{m[2]}."
+    if m[4]:  # shortcut
+        return prefix + ("downsample.0." if m[5] == "convolution" else "downsample.1.") + m[6]
+    idx = int(m[3]) + 1
+    return prefix + (f"conv{idx}." if m[5] == "convolution" else f"bn{idx}.") + m[6]
+
+
+def hf_to_torchvision(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames an HF-format ResNet state dict (PyTorch names and layout) to torchvision names.
+
+    Args:
+      state: keys like 'embedder.embedder.convolution.weight', optionally prefixed 'resnet.'
+        (``ResNetForImageClassification``), whose 'classifier.*' head becomes 'fc.*'.
+
+    Returns:
+      The same arrays keyed by torchvision names; unknown keys are kept unchanged so that the
+      graft reports them as unused.
+    """
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("resnet.")
+        if name.startswith("classifier."):
+            out["fc." + name.removeprefix("classifier.")] = value
+            continue
+        out[_hf_name_to_torchvision(name) or key] = value
+    return out
+
+
+_FLAX_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                       "mean": "running_mean", "var": "running_var"}
+
+
+def hf_flax_to_torch_layout(state: dict) -> dict[str, np.ndarray]:
+    """Turns a ``FlaxResNetModel`` msgpack state ({params, batch_stats}) into HF PyTorch names.
+
+    Conv kernels go from HWIO to OIHW so that one converter handles both HF layouts.
+    """
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in traverse_util.flatten_dict(state.get(collection, {})).items():
+            leaf = _FLAX_LEAF_TO_TORCH.get(path[-1], path[-1])
+            value = np.asarray(value)
+            if path[-1] == "kernel" and value.ndim == 4:
+                value = value.transpose(3, 2, 0, 1)
+            elif path[-1] == "kernel" and value.ndim == 2:
+                value = value.T
+            # Contiguous, because safetensors.numpy silently mis-saves transposed views.
+            out[".".join((*path[:-1], leaf))] = np.ascontiguousarray(value)
+    return out
+
+
+_TV_KEY = re.compile(
+    r"^(?:(conv1|bn1)|layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1))\.(\w+)$"
+)
+_TV_LEAF = {"weight": ("params", None), "bias": ("params", "bias"),
+            "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def torchvision_to_linen(
+    state: dict[str, np.ndarray],
+) -> tuple[dict[tuple, tuple[str, str, np.ndarray]], list[str]]:
+    """Maps torchvision-named PyTorch tensors onto this module's variables.
+
+    Args:
+      state: flat torchvision state dict (conv1.weight, layer1.0.downsample.1.running_var ...).
+
+    Returns:
+      (mapped, discarded): mapped[(collection, *path)] = (source key, array in linen layout);
+      discarded lists the ImageNet head and ``num_batches_tracked`` keys. Keys matching no
+      pattern are mapped to ('unknown', key) so the graft rejects them by name.
+    """
+    mapped, discarded = {}, []
+    for key, value in state.items():
+        if key.split(".")[0] in IMAGE_TASK_HEADS or key.endswith("num_batches_tracked"):
+            discarded.append(key)
+            continue
+        m = _TV_KEY.match(key)
+        if not m or m[5] not in _TV_LEAF:
+            mapped[("unknown", key)] = (key, np.asarray(value))
+            continue
+        module = m[1] or m[4]
+        module = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(
+            module, module)
+        path = (module,) if m[1] else (f"layer{m[2]}_{m[3]}", module)
+        collection, leaf = _TV_LEAF[m[5]]
+        value = np.asarray(value)
+        if leaf is None:  # 'weight': conv kernel (OIHW -> HWIO) or BatchNorm scale
+            leaf, value = ("kernel", value.transpose(2, 3, 1, 0)) if value.ndim == 4 else (
+                "scale", value)
+        mapped[(collection, *path, leaf)] = (key, value)
+    return mapped, discarded
