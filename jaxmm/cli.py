@@ -62,6 +62,24 @@ class _OwnInfoOnly:
             f"{os.sep}jaxmm{os.sep}" in record.pathname)
 
 
+def define_distributed_flags() -> None:
+    """Flags for a multi-process run started by hand (Slurm's srun needs none of them)."""
+    flags.DEFINE_string("coordinator_address", "",
+                        "host:port of process 0 for a multi-process run outside Slurm.")
+    flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run.")
+    flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+
+
+def initialize_distributed() -> None:
+    """Starts jax.distributed from the flags above, the JAX_* variables or an srun step, then
+    sets up logging. Call it first in ``main``, before anything touches a device."""
+    from jaxmm import parallel
+
+    f = flags.FLAGS
+    parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    setup_logging()
+
+
 def setup_logging() -> None:
     """INFO logs on process 0, warnings only elsewhere (call after distributed init)."""
     import jax

@@ -177,7 +177,8 @@ def summary(report: dict, ds_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _prepared_dir(config) -> str:
+def prepared_dir(config) -> str:
+    """Where prepare writes for a config: ``prepared_dir``, else <data_dir>/jaxmm_prepared."""
     return config.prepared_dir or os.path.join(config.data_dir, "jaxmm_prepared")
 
 
@@ -189,7 +190,7 @@ def _prepare_from_config(config, log=print) -> str:
 
         log(f"demo: generating synthetic data in {config.data_dir}")
         synthetic.generate(config.data_dir, demo.per_class, demo.seed, demo.max_side)
-    out_dir = _prepared_dir(config)
+    out_dir = prepared_dir(config)
     ds_dir, _ = prepare(config.data_dir, out_dir, image_size=config.stored_image_size,
                         text_source=config.text_source, class_names=tuple(config.class_names),
                         log=log)
@@ -227,7 +228,7 @@ def ensure_prepared(config, *, timeout_s: float = 7200.0, poll_s: float = 2.0) -
 
     if jax.process_index() == 0:
         return _prepare_from_config(config)
-    marker = os.path.join(_prepared_dir(config), DONE_MARKER)
+    marker = os.path.join(prepared_dir(config), DONE_MARKER)
     start = time.time()
     while time.time() - start < timeout_s:
         done = _read_json(marker)

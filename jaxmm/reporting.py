@@ -151,3 +151,21 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def format_summary(summary: dict) -> str:
+    """The closing lines a finished run prints: best epoch, its metrics, where things are."""
+    w = summary["workdir"]
+    best = summary.get("best_validation") or {}
+    status = {"finished": "Training finished", "early_stopped": "Stopped early"}.get(
+        summary["status"], summary["status"])
+    lines = [f"{status} at step {summary['step']} ({summary['epochs_completed']} epochs)."]
+    if best:
+        lines.append(f"Best epoch {summary['best_epoch']} (step {summary['best_step']}): "
+                     f"validation accuracy {best['accuracy']:.4f}, macro-F1 "
+                     f"{best['macro_f1']:.4f}, loss {best['loss']:.4f}")
+    lines += [f"  checkpoints  {w}/best (best), {w}/checkpoints (latest)",
+              f"  metrics      {w}/metrics.jsonl, {w}/tensorboard",
+              f"  curves       {w}/learning_curves.png",
+              f"  next         python -m jaxmm.evaluate --workdir {w} --split test"]
+    return "\n".join(lines)

@@ -13,23 +13,19 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxmm import cli, parallel
+from jaxmm import cli, reporting
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0 for a multi-process run outside Slurm.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    cli.setup_logging()
+    cli.initialize_distributed()
     import jax
 
     from jaxmm import trainer
@@ -42,10 +38,7 @@ def main(argv):
                         summary["step"])
         sys.exit(trainer.EXIT_PREEMPTED)
     if jax.process_index() == 0:
-        best = summary["best_validation"] or {}
-        print(f"{summary['status']} at step {summary['step']}; best epoch {summary['best_epoch']}: "
-              f"val accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
-              f"{best.get('macro_f1', float('nan')):.4f}. Workdir: {summary['workdir']}")
+        print(reporting.format_summary(summary))
 
 
 if __name__ == "__main__":

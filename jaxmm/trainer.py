@@ -35,6 +35,14 @@ from jaxmm.data import tokenizer as tokenizer_lib
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
+# Validation metrics where lower is better; every other metric is maximised.
+_LOWER_IS_BETTER = ("loss", "ce")
+# Config keys that must not change when a run resumes (the data order and step count hang on
+# them); a change is reported, since the user may mean it (e.g. more epochs).
+_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1", "macro_precision",
+            "macro_recall", "loss", "ce")
+_RESUME_SENSITIVE = ("seed", "batch_size", "num_epochs", "data_dir", "text_source", "image_size",
+                     "max_text_length", "num_workers")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,6 +89,9 @@ class Setup:
 def build(config: ml_collections.ConfigDict) -> Setup:
     """Prepares the data (once), loads the tokenizer, builds the model, optimizer and state."""
     parallel.check_batch_size(config.batch_size, "batch_size")
+    if config.early_stopping_metric not in _METRICS:
+        raise ValueError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
+                         f"choose one of {', '.join(_METRICS)}")
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
     dataset_dir = prepare.ensure_prepared(config)
     meta = pipeline.dataset_meta(dataset_dir)
@@ -113,9 +124,19 @@ def _host_state(state: steps.TrainState) -> dict:
                                      "opt_state": state.opt_state})
 
 
-def _fresh_progress() -> dict:
+def _fresh_progress(config) -> dict:
+    # Dropout keys are fold_in(PRNGKey(seed), step, device): the seed is the whole rng state.
     return {"epoch": 0, "best_metric": None, "best_epoch": None, "best_step": None,
-            "bad_epochs": 0, "history": [], "status": "running"}
+            "bad_epochs": 0, "history": [], "status": "running", "rng_seed": config.seed,
+            "config": config.to_dict()}
+
+
+def _warn_config_changes(saved: dict, config) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in _RESUME_SENSITIVE
+               if k in saved and saved.get(k) != config.get(k)]
+    if changed:
+        logging.warning("resuming with a changed config (%s); the run will not repeat an "
+                        "uninterrupted one exactly", "; ".join(changed))
 
 
 def _restore_or_init(config, setup: Setup, ckpts, train_iter) -> tuple[dict, dict]:
@@ -123,6 +144,8 @@ def _restore_or_init(config, setup: Setup, ckpts, train_iter) -> tuple[dict, dic
     if ckpts.latest_step() is not None:
         host, progress = ckpts.restore(host, train_iter)
         logging.info("Resumed from step %d (epoch %d)", int(host["step"]), progress["epoch"])
+        _warn_config_changes(progress.get("config", {}), config)
+        progress["config"] = config.to_dict()
         return host, progress
     variables = models.pretrained.load_pretrained({"params": host["params"],
                                         "batch_stats": host["batch_stats"]},
@@ -130,7 +153,7 @@ def _restore_or_init(config, setup: Setup, ckpts, train_iter) -> tuple[dict, dic
     host["params"] = jax.tree.map(np.asarray, variables["params"])
     host["batch_stats"] = jax.tree.map(np.asarray, variables["batch_stats"])
     host["opt_state"] = jax.tree.map(np.asarray, setup.state.tx.init(host["params"]))
-    return host, _fresh_progress()
+    return host, _fresh_progress(config)
 
 
 def _eval_batches(config, setup: Setup, split: str):
@@ -218,7 +241,8 @@ class _Run:
                                            self.setup.class_names)
         p["epoch"] = self.step // self.setup.steps_per_epoch
         value = val[c.early_stopping_metric]
-        improved = p["best_metric"] is None or value > p["best_metric"]
+        sign = -1.0 if c.early_stopping_metric in _LOWER_IS_BETTER else 1.0
+        improved = p["best_metric"] is None or sign * value > sign * p["best_metric"]
         if improved:
             p.update(best_metric=value, best_epoch=p["epoch"], best_step=self.step, bad_epochs=0)
             self.ckpts.save_best(self.step, parallel.unreplicate_to_host(variables), dict(p))

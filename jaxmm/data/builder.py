@@ -102,7 +102,7 @@ FOLDER_PATTERN = "CVPR_2024_dataset_{}"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class PrepareError(Exception):
+class PrepareError(ValueError):
     """A user error in the raw data or options; its message is one line naming the path."""
 
 

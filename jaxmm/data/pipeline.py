@@ -44,11 +44,14 @@ def dataset_meta(dataset_dir: str) -> dict:
     """Class names and counts of a prepared dataset (no record is read).
 
     Returns:
-      dict(class_names=list[str], counts={split: {class: n}}, num_examples={split: n}).
+      dict(class_names=list[str], counts={split: {class: n}}, num_examples={split: n},
+           options={...} (how prepare stored the records: image_size, image_format, ...)).
     """
     with open(os.path.join(dataset_dir, META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
-    return {k: meta[k] for k in ("class_names", "counts", "num_examples")}
+    out = {k: meta[k] for k in ("class_names", "counts", "num_examples")}
+    out["options"] = meta.get("options", {})
+    return out
 
 
 def num_eval_batches(n: int, local_batch_size: int, process_count: int) -> int:

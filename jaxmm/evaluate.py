@@ -1,0 +1,51 @@
+"""Evaluates a trained run on a split and writes reports and figures.
+
+    python -m jaxmm.evaluate --workdir runs/x [--split test|validation|train]
+        [--checkpoint best|latest|STEP] [--modalities image,text] [--ablation]
+
+Writes ``<workdir>/eval/<split>/`` (``<split>-<modalities>`` when towers are masked):
+metrics.json, classification_report.txt, predictions.csv, misclassified.csv,
+confusion_matrix.png, misclassified.png (and ablation.json with ``--ablation``). Every example
+counts once on any device count; under Slurm (``srun``, one process per GPU) every process
+evaluates its share and process 0 writes.
+"""
+
+from absl import flags, logging
+
+from jaxmm import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "Split to evaluate.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+_MODALITIES = flags.DEFINE_list("modalities", [], "Towers to keep, e.g. 'text'; default: all.")
+_ABLATION = flags.DEFINE_bool("ablation", False,
+                              "Also evaluate image+text, image-only and text-only.")
+cli.define_distributed_flags()
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.initialize_distributed()
+    import jax
+
+    from jaxmm import figures, inference
+
+    logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+    result = inference.evaluate_run(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value,
+                                    _MODALITIES.value, _ABLATION.value)
+    if jax.process_index() != 0:
+        return
+    print(figures.summary(result["metrics"], result["report"]))
+    for note in result["notes"]:
+        print(note)
+    if result["ablation"]:
+        print("\nmodality ablation (same checkpoint, towers masked at evaluation):")
+        print(figures.ablation_table(result["ablation"]))
+    print(f"\nreports in {result['out_dir']}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "jaxmm.evaluate")

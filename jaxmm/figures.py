@@ -1,0 +1,182 @@
+"""What an evaluation leaves behind: the confusion-matrix and misclassified-example figures, the
+CSV tables and the printed summaries.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot state), so they
+work headless and in any thread; only process 0 calls anything here.
+"""
+
+import csv
+import os
+import textwrap
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxmm import reporting
+
+_ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
+
+
+def _save(fig: Figure, path: str) -> str:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _matrix(ax, values: np.ndarray, labels: list, title: str, fmt: str, vmax: float) -> None:
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+    k = len(labels)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_yticklabels(labels)
+    for i in range(k):
+        for j in range(k):
+            # Dark cells get white text so every number stays readable.
+            color = "white" if values[i, j] > 0.6 * vmax else "black"
+            ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", color=color)
+
+
+def confusion_matrix(counts, class_names: list, path: str, title: str = "") -> str:
+    """Draws the confusion matrix as counts and row-normalised (recall per true class).
+
+    Args:
+      counts: [K, K] counts, rows = true class.
+      class_names: the K names in label order.
+      path: PNG file to write.
+      title: figure title (split, checkpoint, ...).
+
+    Returns:
+      path.
+    """
+    cm = np.asarray(counts, np.float64)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = 2.5 + 0.9 * len(class_names)
+    fig = Figure(figsize=(2 * side + 1, side + 0.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _matrix(left, cm, class_names, "counts", ".0f", max(cm.max(), 1.0))
+    _matrix(right, norm, class_names, "normalised by true class", ".2f", 1.0)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def misclassified_grid(items: list[dict], path: str, columns: int = 4, title: str = "") -> str:
+    """Draws the given errors as a grid: image, text, true and predicted class, confidence.
+
+    Args:
+      items: dicts with image (PIL image or uint8 array), text, true, predicted, confidence.
+      path: PNG file to write.
+      columns: images per row.
+      title: figure title.
+
+    Returns:
+      path.
+    """
+    if not items:
+        fig = Figure(figsize=(4, 1.5))
+        fig.text(0.5, 0.5, "no misclassified examples", ha="center", va="center")
+        return _save(fig, path)
+    columns = min(columns, len(items))
+    rows = -(-len(items) // columns)
+    fig = Figure(figsize=(3.2 * columns, 3.8 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for ax, item in zip(axes, items, strict=False):
+        ax.imshow(np.asarray(item["image"]))
+        ax.set_title(f"true {item['true']} / pred {item['predicted']} "
+                     f"({item['confidence']:.2f})", fontsize=9, color="firebrick")
+        ax.set_xlabel(textwrap.shorten(item["text"], 60) or "(no text)", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(items):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> str:
+    """Writes ``rows`` (dicts) with the given column order."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def summary(metrics: dict, report: str) -> str:
+    """A readable summary of an evaluation: headline metrics, per-class report, confusion."""
+    names = metrics["confusion_matrix"]["labels"]
+    counts = np.asarray(metrics["confusion_matrix"]["counts"])
+    width = max(len(n) for n in names + ["true\\pred"]) + 2
+    lines = [f"{metrics['split']}: {metrics['num_examples']} examples, checkpoint step "
+             f"{metrics['checkpoint_step']} ({metrics['checkpoint']}), modalities "
+             f"{'+'.join(metrics['modalities'])}",
+             f"accuracy {metrics['accuracy']:.4f}  balanced accuracy "
+             f"{metrics['balanced_accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+             f"weighted-F1 {metrics['weighted_f1']:.4f}  loss {metrics['loss']:.4f}",
+             "", report.rstrip(), "", "confusion matrix (rows true, columns predicted):",
+             "true\\pred".ljust(width) + "".join(n.rjust(width) for n in names)]
+    for name, row in zip(names, counts, strict=True):
+        lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """The modality ablation as a fixed-width table."""
+    head = f"{'modalities':<12}{'examples':>10}{'accuracy':>10}{'bal.acc':>10}" \
+           f"{'macro-F1':>10}{'loss':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{'+'.join(r['modalities']):<12}{r['num_examples']:>10}"
+                     f"{r['accuracy']:>10.4f}{r['balanced_accuracy']:>10.4f}"
+                     f"{r['macro_f1']:>10.4f}{r['loss']:>9.4f}")
+    return "\n".join(lines)
+
+
+def classification_report(rows: list[dict], class_names: list) -> str:
+    """scikit-learn's classification report on per-example rows (``true``, ``predicted``)."""
+    from sklearn import metrics as sk_metrics
+
+    return sk_metrics.classification_report(
+        [r["true"] for r in rows], [r["predicted"] for r in rows], labels=list(class_names),
+        digits=4, zero_division=0)
+
+
+def write_reports(out_dir: str, metrics: dict, rows: list[dict], image_of,
+                  top_k: int = 16) -> str:
+    """Writes an evaluation's files into ``out_dir``.
+
+    metrics.json, classification_report.txt, predictions.csv (every example), misclassified.csv
+    (errors, most confident first), confusion_matrix.png and misclassified.png.
+
+    Args:
+      out_dir: folder to write (created).
+      metrics: the evaluation metrics (with split, checkpoint_step and modalities).
+      rows: per-example rows (index, file, text, true, predicted, confidence, p_<class>).
+      image_of: index -> the stored image of that example (for the error grid).
+      top_k: errors shown in the grid.
+
+    Returns:
+      The classification report text.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    names = metrics["confusion_matrix"]["labels"]
+    report = classification_report(rows, names)
+    reporting.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    with open(os.path.join(out_dir, "classification_report.txt"), "w", encoding="utf-8") as f:
+        f.write(report)
+    write_csv(os.path.join(out_dir, "predictions.csv"), rows,
+              ["index"] + _ERROR_COLUMNS + [f"p_{c}" for c in names])
+    errors = sorted((r for r in rows if r["true"] != r["predicted"]),
+                    key=lambda r: -r["confidence"])
+    write_csv(os.path.join(out_dir, "misclassified.csv"), errors, _ERROR_COLUMNS)
+    title = (f"{metrics['split']}, step {metrics['checkpoint_step']}, "
+             f"{'+'.join(metrics['modalities'])}: accuracy {metrics['accuracy']:.3f}")
+    confusion_matrix(metrics["confusion_matrix"]["counts"], names,
+                     os.path.join(out_dir, "confusion_matrix.png"), title)
+    shown = [{**r, "image": image_of(r["index"])} for r in errors[:top_k]]
+    misclassified_grid(shown, os.path.join(out_dir, "misclassified.png"),
+                       title=f"most confident errors ({len(errors)} in all)")
+    return report

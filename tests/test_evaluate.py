@@ -1,0 +1,254 @@
+"""Evaluation of a trained run: exact counts on 1 and 4 devices and 2 processes, metrics equal to
+scikit-learn's, figures, a fresh process reproducing the training run's validation numbers, the
+modality ablation and one-line errors.
+
+A tiny demo run is trained once per test session (``trained_run``) and shared with
+test_predict.py.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Split sizes of the tiny demo data: validation 10, test 16; neither divides the eval batch 12.
+TINY = {"per_class": 12, "eval_batch_size": 12, "val_size": 10, "test_size": 16}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(root):
+    from configs import demo
+
+    c = demo.get_config()
+    c.data_dir = os.path.join(root, "data")
+    c.demo.per_class = TINY["per_class"]
+    c.demo.max_side = 64
+    c.stored_image_size = 40
+    c.image_size = 32
+    c.batch_size = 8
+    c.eval_batch_size = TINY["eval_batch_size"]
+    c.num_epochs = 2
+    c.model.modality_dropout = 0.2
+    c.checkpoint_every_steps = 100
+    return c
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """Workdir of a tiny demo run trained on 4 fake devices (trained once per session)."""
+    from jaxmm import trainer
+
+    root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
+    workdir = str(root / "run")
+    # Other test modules import this fixture; the summary file marks a finished run to reuse.
+    if not os.path.exists(os.path.join(workdir, "train_summary.json")):
+        trainer.train_and_evaluate(_tiny_config(str(root)), workdir)
+    return workdir
+
+
+def _env(devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return env
+
+
+def _evaluate_cmd(workdir, *args, devices=4, extra_env=None):
+    env = {**_env(devices), **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "jaxmm.evaluate", "--workdir", workdir,
+                             *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _read_csv(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def test_eval(trained_run):
+    """The test split evaluated in this process on 4 devices."""
+    from jaxmm import inference
+
+    return inference.evaluate_run(trained_run, "test")
+
+
+def test_counts_are_exact_on_four_devices(test_eval):
+    metrics = test_eval["metrics"]
+    assert metrics["num_examples"] == TINY["test_size"]
+    assert np.sum(metrics["confusion_matrix"]["counts"]) == TINY["test_size"]
+    rows = _read_csv(os.path.join(test_eval["out_dir"], "predictions.csv"))
+    assert [int(r["index"]) for r in rows] == list(range(TINY["test_size"]))
+    assert metrics["checkpoint"] == "best" and metrics["modalities"] == ["image", "text"]
+    with open(os.path.join(test_eval["out_dir"], "metrics.json")) as f:
+        assert json.load(f)["checkpoint_step"] == metrics["checkpoint_step"]
+
+
+def test_metrics_equal_scikit_learn(test_eval):
+    from sklearn import metrics as sk
+
+    rows = _read_csv(os.path.join(test_eval["out_dir"], "predictions.csv"))
+    names = test_eval["metrics"]["confusion_matrix"]["labels"]
+    y_true = [names.index(r["true"]) for r in rows]
+    y_pred = [int(np.argmax([float(r[f"p_{c}"]) for c in names])) for r in rows]
+    assert [names[k] for k in y_pred] == [r["predicted"] for r in rows]
+    m = test_eval["metrics"]
+    labels = list(range(len(names)))
+    assert m["confusion_matrix"]["counts"] == sk.confusion_matrix(y_true, y_pred,
+                                                                  labels=labels).tolist()
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y_true, y_pred))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = sk.precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                        average=avg, zero_division=0)
+        assert (m[f"{avg}_precision"], m[f"{avg}_recall"], m[f"{avg}_f1"]) == pytest.approx(
+            (p, r, f))
+    p, r, f, s = sk.precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                    zero_division=0)
+    for k, name in enumerate(names):
+        assert m["per_class"][name] == pytest.approx(
+            {"precision": p[k], "recall": r[k], "f1": f[k], "support": s[k]})
+    with open(os.path.join(test_eval["out_dir"], "classification_report.txt")) as f:
+        assert f.read() == sk.classification_report(
+            [r["true"] for r in rows], [r["predicted"] for r in rows], labels=names, digits=4,
+            zero_division=0)
+    errors = _read_csv(os.path.join(test_eval["out_dir"], "misclassified.csv"))
+    assert len(errors) == sum(t != p for t, p in zip(y_true, y_pred, strict=True))
+    assert [float(e["confidence"]) for e in errors] == sorted(
+        (float(e["confidence"]) for e in errors), reverse=True)
+
+
+@pytest.mark.parametrize("name", ["confusion_matrix.png", "misclassified.png"])
+def test_figures_are_png_images(test_eval, name):
+    path = os.path.join(test_eval["out_dir"], name)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        assert img.width > 100 and img.height > 100
+        assert np.asarray(img.convert("L")).std() > 0  # something is drawn
+
+
+def test_misclassified_grid_without_errors(tmp_path):
+    from jaxmm import figures
+
+    path = figures.misclassified_grid([], str(tmp_path / "none.png"))
+    assert os.path.getsize(path) > 0
+
+
+def test_fresh_process_on_one_device_reproduces_training_validation(trained_run):
+    out = _finish(_evaluate_cmd(trained_run, "--split", "validation", devices=1))
+    assert "validation: 10 examples" in out
+    with open(os.path.join(trained_run, "train_summary.json")) as f:
+        best_step = json.load(f)["best_step"]
+    with open(os.path.join(trained_run, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    logged = next(r for r in logged if r["kind"] == "val" and r["step"] == best_step)
+    with open(os.path.join(trained_run, "eval", "validation", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["checkpoint_step"] == best_step
+    assert metrics["num_examples"] == logged["num_examples"] == TINY["val_size"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"):
+        assert metrics[key] == logged[key], key
+    assert metrics["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+def test_ablation_rows_and_masked_modalities(trained_run):
+    from jaxmm import inference
+
+    result = inference.evaluate_run(trained_run, "validation", ablation=True)
+    rows = result["ablation"]
+    assert [r["modalities"] for r in rows] == [["image", "text"], ["image"], ["text"]]
+    assert all(r["num_examples"] == TINY["val_size"] for r in rows)
+    assert rows[0]["accuracy"] == result["metrics"]["accuracy"]
+    assert result["notes"] == []  # trained with modality dropout
+    assert os.path.exists(os.path.join(result["out_dir"], "ablation.json"))
+    text_only = inference.evaluate_run(trained_run, "validation", modalities=["text"])
+    assert text_only["out_dir"].endswith(os.path.join("eval", "validation-text"))
+    assert text_only["metrics"]["accuracy"] == rows[2]["accuracy"]
+
+
+def test_user_errors(trained_run, tmp_path):
+    from jaxmm import inference
+
+    with pytest.raises(FileNotFoundError, match="no '999' checkpoint"):
+        inference.load_run(trained_run, "999")
+    with pytest.raises(ValueError, match="--checkpoint must be"):
+        inference.load_run(trained_run, "newest")
+    with pytest.raises(ValueError, match="not a subset"):
+        inference.evaluate_run(trained_run, "validation", modalities=["audio"])
+    proc = _evaluate_cmd(str(tmp_path / "missing"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("jaxmm.evaluate: error: workdir")
+    assert "does not exist" in errors[0] and "Traceback" not in err
+    proc = _evaluate_cmd(trained_run, "--split", "dev")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "split" in err
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(trained_run, test_eval, tmp_path):
+    """Two processes x 2 devices: every example once, same numbers, process 0 writes."""
+    port = _free_port()
+    procs = [_evaluate_cmd(trained_run, "--split", "test", devices=2, extra_env={
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert "test: 16 examples" in outs[0] and "examples" not in outs[1]  # one writer
+    with open(os.path.join(trained_run, "eval", "test", "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in ("num_examples", "accuracy", "macro_f1", "confusion_matrix"):
+        assert metrics[key] == test_eval["metrics"][key], key
+    rows = _read_csv(os.path.join(trained_run, "eval", "test", "predictions.csv"))
+    assert [int(r["index"]) for r in rows] == list(range(TINY["test_size"]))
+
+
+def test_ablation_notes_without_modality_dropout_or_second_tower():
+    from types import SimpleNamespace
+
+    from jaxmm import inference
+
+    metrics = {"num_examples": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
+               "weighted_f1": 1.0, "loss": 0.1}
+
+    class Evaluator:
+        def __init__(self, modalities, dropout):
+            model = SimpleNamespace(get=lambda key, default: dropout)
+            self.run = SimpleNamespace(modalities=modalities,
+                                       config=SimpleNamespace(model=model))
+
+        def __call__(self, modalities):
+            return metrics, None
+
+    rows, notes = inference.run_ablation(Evaluator(("text",), 0.1))
+    assert rows is None and "not applicable" in notes[0] and "text" in notes[0]
+    rows, notes = inference.run_ablation(Evaluator(("image", "text"), 0.0))
+    assert len(rows) == 3 and "modality_dropout=0" in notes[0]
+
+
+def test_checkpoint_choices(trained_run):
+    from jaxmm import checkpointing, inference
+
+    have = checkpointing.available(trained_run)
+    assert inference.load_run(trained_run, "latest").step == have["latest"]
+    assert inference.load_run(trained_run, str(have["all"][0])).step == have["all"][0]

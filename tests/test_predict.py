@@ -1,0 +1,78 @@
+"""Prediction on raw image files: same probabilities as evaluation, bad files reported and
+skipped, folders searched recursively into a CSV."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_evaluate import REPO, _env, _read_csv, trained_run  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):  # noqa: F811
+    from jaxmm import inference
+
+    return inference.load_run(trained_run, "best", axis_name=None)
+
+
+def test_raw_files_get_the_evaluation_probabilities(run):
+    from jaxmm import inference
+
+    evaluator = inference.SplitEvaluator(
+        inference.load_run(run.workdir, "best"), "test")
+    _, expected = evaluator(collect=True)
+    files = [os.path.join(run.config.data_dir,
+                          evaluator.source[int(i)]["file_name"].decode("utf-8"))
+             for i in expected["index"]]
+    rows, problems = inference.predict_files(inference.Predictor(run, batch_size=8), files)
+    assert problems == []
+    got = np.array([[r[f"p_{c}"] for c in run.class_names] for r in rows])
+    np.testing.assert_allclose(got, expected["probs"], atol=1e-5)
+
+
+def test_text_flag_and_unreadable_files(run, tmp_path):
+    from jaxmm import inference
+
+    good = tmp_path / "Plastic_Bottle_3.png"
+    shutil.copy(_some_image(run), good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    files, problems, any_folder = inference.find_images([str(good), str(bad),
+                                                         str(tmp_path / "gone.png")])
+    assert not any_folder and problems == [f"{tmp_path / 'gone.png'}: no such file or directory"]
+    rows, unreadable = inference.predict_files(inference.Predictor(run), files)
+    assert [r["file"] for r in rows] == [str(good)] and rows[0]["text"] == "plastic bottle"
+    assert len(unreadable) == 1 and unreadable[0].startswith(str(bad))
+    rows, _ = inference.predict_files(inference.Predictor(run), [str(good)], text="tin can")
+    assert rows[0]["text"] == "tin can"
+    assert sum(rows[0][f"p_{c}"] for c in run.class_names) == pytest.approx(1.0, abs=1e-5)
+
+
+def _some_image(run):
+    for root, _, names in os.walk(os.path.join(run.config.data_dir, "CVPR_2024_dataset_Test")):
+        if names:
+            return os.path.join(root, sorted(names)[0])
+    raise AssertionError("no test image")
+
+
+def test_cli_folder_to_csv_with_a_corrupt_file(run, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(_some_image(run), folder / "a_cup.png")
+    shutil.copy(_some_image(run), folder / "nested" / "egg_shells_2.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "preds.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxmm.predict", "--workdir", run.workdir, str(folder),
+         str(tmp_path / "missing.png"), "--out", str(out)],
+        env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 2 and "corrupt.png" in skipped[0] + skipped[1]
+    rows = _read_csv(out)
+    assert sorted(os.path.basename(r["file"]) for r in rows) == ["a_cup.png", "egg_shells_2.png"]
+    assert {r["predicted"] for r in rows} <= set(run.class_names)
