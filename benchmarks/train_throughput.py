@@ -1,0 +1,351 @@
+"""Training throughput of jaxmm: the pmapped train step alone, and end to end from prepared data.
+
+    python benchmarks/train_throughput.py --dtype bfloat16 --batch_size 256 --out bf16.json
+    python benchmarks/train_throughput.py --image_arch tiny --text_arch tiny --image_size 32 \
+        --text_length 8 --batch_size 8 --steps 3 --warmup 1      # CPU smoke run
+
+Default model: ResNet-50 at 224 px + DistilBERT (6 layers, 768 wide, vocabulary 30522) at text
+length 32, random init (weights do not change the speed), concat fusion head, class-weighted
+loss and the AdamW optimizer of the trainer (``steps.train_step`` + ``optim.make_optimizer``).
+
+Measured after warm-up, with one ``block_until_ready`` at the end of each timed window:
+  (a) step: samples/s of the train step on device-resident synthetic batches;
+  (b) e2e: samples/s from a prepared TFDS dataset through the real grain train pipeline and
+      ``parallel.prefetch_to_device`` into the same compiled step. Without --dataset_dir a small
+      synthetic dataset is generated (``jaxmm.data.synthetic``) and prepared (``jaxmm.prepare``).
+Also: compile time (lower + compile), step time, peak device memory and MFU.
+
+FLOPs per sample: XLA's count of the compiled step (``cost_analysis()['flops']`` of one device's
+program / per-device batch). For the full model the analytic count is printed too: 3 x forward
+(forward + backward), forward = 2 x 4.09 GMAC x (S/224)^2 (ResNet-50) + 2 x 42.5 M x L +
+4 x L^2 x 768 x 6 (DistilBERT matmuls + attention) = 32.8 GFLOP at S=224, L=32.
+MFU = FLOPs/sample x samples/s / (devices x peak). Peaks (dense, per GPU, TFLOP/s): H100/H200 SXM
+bf16 989, fp32 494.7 (TF32 tensor cores: XLA's default float32 precision on GPUs uses TF32;
+strict fp32 without tensor cores is 67); H100 PCIe 756 / 378; A100 312 / 156. --peak_tflops
+overrides; elsewhere (CPUs) MFU is "n/a".
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import default as default_config  # noqa: E402
+from jaxmm import losses, models, optim, parallel, prepare, steps  # noqa: E402
+from jaxmm.data import builder, pipeline, synthetic  # noqa: E402
+from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
+
+# Train counts of the real dataset (docs): the class weights have the real spread.
+TRAIN_COUNTS = (2111, 4355, 1991, 1743)
+FULL_VOCAB = 30522  # DistilBERT's (uncased) vocabulary
+TINY_VOCAB = 1000
+# (device-kind substring, bf16 peak, fp32-as-TF32 peak) in TFLOP/s, dense; first match wins.
+PEAK_TFLOPS = (("H200", 989.4, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100 NVL", 835.0, 417.5),
+               ("H100", 989.4, 494.7), ("A100", 312.0, 156.0))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image_arch", default="resnet50", choices=("resnet50", "tiny"))
+    p.add_argument("--text_arch", default="distilbert", choices=("distilbert", "tiny"))
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--text_length", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch_size", type=int, default=128, help="global batch")
+    p.add_argument("--num_devices", type=int, default=0, help="0 = all local devices")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per window")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each window")
+    p.add_argument("--skip_e2e", action="store_true", help="only measure (a)")
+    p.add_argument("--dataset_dir", default="", help="prepared TFDS dataset dir for (b)")
+    p.add_argument("--work_dir", default="", help="where (b) keeps its synthetic dataset")
+    p.add_argument("--per_class", type=int, default=0, help="synthetic size; 0 = from batch")
+    p.add_argument("--stored_image_size", type=int, default=0, help="0 = image_size * 8 / 7")
+    p.add_argument("--num_workers", type=int, default=-1, help="grain workers; -1 = config's")
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
+    p.add_argument("--out", default="", help="also write the JSON result here")
+    return p.parse_args(argv)
+
+
+def select_devices(n: int) -> list:
+    """Restricts JAX to its first ``n`` local devices (0 = all); works before JAX starts."""
+    if n:
+        try:
+            jax.config.update("jax_cuda_visible_devices", ",".join(map(str, range(n))))
+            if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+                jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:
+            pass  # JAX is already running (in-process callers): check the count below
+    devices = jax.local_devices()
+    if n and len(devices) != n:
+        raise ValueError(f"--num_devices={n} but JAX already runs on {len(devices)} devices; "
+                         "pass it on the command line of a fresh process")
+    return devices
+
+
+def make_config(args):
+    """The trainer's default config with the benchmark's sizes (random init, no pretrained)."""
+    c = default_config.get_config()
+    c.model.image_arch, c.model.text_arch = args.image_arch, args.text_arch
+    c.model.image_pretrained = c.model.text_pretrained = ""
+    c.model.dtype = args.dtype
+    c.image_size, c.max_text_length = args.image_size, args.text_length
+    c.stored_image_size = args.stored_image_size or math.ceil(args.image_size * 8 / 7)
+    c.batch_size = args.batch_size
+    c.tokenizer = ""  # (b) trains a WordPiece tokenizer on the synthetic texts
+    if args.num_workers >= 0:
+        c.num_workers = args.num_workers
+    return c
+
+
+def vocab_size(config) -> int:
+    return FULL_VOCAB if config.model.text_arch == "distilbert" else TINY_VOCAB
+
+
+def build_state(config, num_classes: int = len(TRAIN_COUNTS)):
+    """Model, host train state and the pmapped train step, as the trainer builds them."""
+    model = models.build_model(config.model, num_classes, vocab_size(config),
+                               axis_name=parallel.AXIS_NAME)
+    variables = models.init_variables(model, jax.random.PRNGKey(config.seed), config.image_size,
+                                      config.max_text_length)
+    tx = optim.make_optimizer(config, models.param_labels(variables["params"]),
+                              total_steps=10_000, steps_per_epoch=100)
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"], tx=tx)
+    weights = losses.balanced_class_weights(TRAIN_COUNTS)
+    train_fn = jax.pmap(functools.partial(steps.train_step, class_weights=weights),
+                        axis_name=parallel.AXIS_NAME, donate_argnums=(0,))
+    return state, train_fn
+
+
+def synthetic_batches(config, global_batch: int, count: int = 2, seed: int = 0) -> list:
+    """``count`` random host batches with the pipeline's shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    s, n, length = config.image_size, global_batch, config.max_text_length
+    out = []
+    for _ in range(count):
+        lengths = rng.integers(3, length + 1, n)
+        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+        out.append({"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+                    "input_ids": (rng.integers(1, TINY_VOCAB, (n, length)) * mask).astype(
+                        np.int32),
+                    "attention_mask": mask,
+                    "label": rng.integers(0, len(TRAIN_COUNTS), n).astype(np.int32)})
+    return out
+
+
+class _ListIterator:
+    """A list as the iterator ``parallel.prefetch_to_device`` expects (with get_state)."""
+
+    def __init__(self, items):
+        self._it = iter(items)
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self):
+        return None
+
+
+def to_devices(host_batches: list) -> list:
+    """Places host batches exactly as the trainer does (sharded over the local devices)."""
+    return [b for b, _ in parallel.prefetch_to_device(_ListIterator(host_batches))]
+
+
+def run_steps(step, state, batches, key, n: int):
+    """Runs ``n`` steps; one host sync at the end. Returns (state, seconds)."""
+    start = time.perf_counter()
+    metrics = None
+    for i in range(n):
+        state, metrics = step(state, next(batches) if hasattr(batches, "__next__")
+                              else batches[i % len(batches)], key)
+    jax.block_until_ready((state, metrics))
+    return state, time.perf_counter() - start
+
+
+def compile_step(train_fn, state, batch, key):
+    """AOT-compiles the step; returns (compiled, seconds, XLA FLOPs of one device or None)."""
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, batch, key).compile()
+    seconds = time.perf_counter() - start
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+    except Exception:  # noqa: BLE001 - cost analysis is optional on some backends
+        flops = None
+    return compiled, seconds, flops
+
+
+def analytic_flops_per_sample(config) -> float | None:
+    """Train FLOPs per sample of the full model (module docstring); None for tiny towers."""
+    if config.model.image_arch != "resnet50" or config.model.text_arch != "distilbert":
+        return None
+    length, dim, layers = config.max_text_length, 768, 6
+    image = 2 * 4.09e9 * (config.image_size / 224) ** 2
+    text = 2 * 42.5e6 * length + 4 * length**2 * dim * layers
+    return 3 * (image + text)
+
+
+def peak_tflops(device, dtype: str, override: float) -> tuple[float | None, str]:
+    """Per-device dense peak for the MFU, and where the number comes from."""
+    if override > 0:
+        return override, "--peak_tflops"
+    for name, bf16, tf32 in PEAK_TFLOPS:
+        if device.platform == "gpu" and name.lower() in device.device_kind.lower():
+            kind = "bf16 dense" if dtype == "bfloat16" else "TF32 dense (fp32 default precision)"
+            return (bf16 if dtype == "bfloat16" else tf32), f"{name} {kind}"
+    return None, "unknown for this device"
+
+
+def peak_memory(devices) -> int | str:
+    """Largest peak_bytes_in_use over the devices, or 'n/a' where JAX does not track it."""
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - not implemented on some backends
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else "n/a"
+
+
+def measure_step(args, config, devices) -> tuple[dict, object]:
+    """Part (a) plus compile time and FLOPs. Returns (results, context for part (b))."""
+    host_state, train_fn = build_state(config)
+    state = parallel.replicate(host_state)
+    key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
+    batches = to_devices(synthetic_batches(config, args.batch_size))
+    compiled, compile_s, flops = compile_step(train_fn, state, batches[0], key)
+    state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
+    state, seconds = run_steps(compiled, state, batches, key, args.steps)
+    per_device = args.batch_size // len(devices)
+    res = {"compile_s": round(compile_s, 2),
+           "step_time_ms": round(1000 * seconds / args.steps, 3),
+           "samples_per_s": round(args.steps * args.batch_size / seconds, 2),
+           "flops_per_sample_xla": flops / per_device if flops else None,
+           "flops_per_sample_analytic": analytic_flops_per_sample(config)}
+    return res, (compiled, state, key)
+
+
+def prepared_dataset(args, config) -> str:
+    """--dataset_dir, or a synthetic dataset generated and prepared once under --work_dir."""
+    if args.dataset_dir:
+        return args.dataset_dir
+    root = args.work_dir or tempfile.mkdtemp(prefix="jaxmm_throughput_")
+    raw = os.path.join(root, "raw")
+    # Enough train examples for two global batches per epoch (train ~ 4 x per_class).
+    per_class = args.per_class or max(8, args.batch_size // 2)
+    if not builder.has_dataset(raw):
+        synthetic.generate(raw, per_class, seed=0, max_side=2 * config.stored_image_size)
+    ds_dir, _ = prepare.prepare(raw, os.path.join(root, "prepared"),
+                                image_size=config.stored_image_size, log=lambda s: None)
+    return ds_dir
+
+
+def measure_e2e(args, config, context) -> dict:
+    """Part (b): grain pipeline -> prefetch_to_device -> the compiled step."""
+    compiled, state, key = context
+    ds_dir = prepared_dataset(args, config)
+    tokenizer = tokenizer_lib.get_tokenizer(config, ds_dir)
+    source = pipeline.load_splits(ds_dir)["train"]
+    per_epoch = len(source) // args.batch_size
+    total = args.warmup + args.steps
+    it = pipeline.make_train_iter(
+        config, source, tokenizer, local_batch_size=args.batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_epochs=math.ceil(total / max(per_epoch, 1)) + 1)
+    try:
+        batches = (b for b, _ in parallel.prefetch_to_device(it, config.prefetch_batches))
+        state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
+        state, seconds = run_steps(compiled, state, batches, key, args.steps)
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    return {"e2e_samples_per_s": round(args.steps * args.batch_size / seconds, 2),
+            "e2e_step_time_ms": round(1000 * seconds / args.steps, 3),
+            "e2e_num_workers": config.num_workers, "e2e_train_examples": len(source),
+            "e2e_stored_image_size": config.stored_image_size}
+
+
+def _mfu(res: dict, devices, args) -> dict:
+    peak, source = peak_tflops(devices[0], args.dtype, args.peak_tflops)
+    flops = res["flops_per_sample_xla"] or res["flops_per_sample_analytic"]
+    out = {"peak_tflops_per_device": peak, "peak_source": source,
+           "flops_per_sample_used": "xla" if res["flops_per_sample_xla"] else "analytic",
+           "mfu": "n/a", "mfu_analytic": "n/a"}
+    if peak and flops:
+        total = peak * 1e12 * len(devices)
+        out["mfu"] = round(flops * res["samples_per_s"] / total, 4)
+        if res["flops_per_sample_analytic"]:
+            out["mfu_analytic"] = round(
+                res["flops_per_sample_analytic"] * res["samples_per_s"] / total, 4)
+    return out
+
+
+def run(args) -> dict:
+    """Runs the benchmark described by parsed ``args``; returns the result dict."""
+    devices = select_devices(args.num_devices)
+    if args.batch_size % len(devices):
+        raise ValueError(f"--batch_size={args.batch_size} must be a multiple of the "
+                         f"{len(devices)} devices")
+    config = make_config(args)
+    res = {"benchmark": "train_throughput", "framework": "jax", "jax_version": jax.__version__,
+           "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+           "num_devices": len(devices), "image_arch": args.image_arch,
+           "text_arch": args.text_arch, "image_size": args.image_size,
+           "text_length": args.text_length, "dtype": args.dtype,
+           "global_batch": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+           "date": datetime.date.today().isoformat()}
+    step_res, context = measure_step(args, config, devices)
+    res.update(step_res)
+    res["peak_memory_bytes"] = peak_memory(devices)
+    if not args.skip_e2e:
+        res.update(measure_e2e(args, config, context))
+    res.update(_mfu(res, devices, args))
+    return res
+
+
+def format_table(res: dict) -> str:
+    """A readable two-column table of a result dict."""
+    width = max(len(k) for k in res)
+    lines = []
+    for k, v in res.items():
+        if isinstance(v, float) and k.startswith("flops"):
+            v = f"{v / 1e9:.2f} GFLOP"
+        elif k == "peak_memory_bytes" and isinstance(v, int):
+            v = f"{v / 2**30:.2f} GiB"
+        lines.append(f"{k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """Parses flags, runs, prints one JSON line and a table, writes --out."""
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    args = parse_args(argv)
+    res = run(args)
+    print(json.dumps(res))
+    print(format_table(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Smoke tests of the training-throughput benchmarks: tiny towers, a few steps, on fake CPU devices.
+
+They check that every measurement runs and that the result has its fields, not the speed.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+TINY = ["--image_arch", "tiny", "--text_arch", "tiny", "--image_size", "32",
+        "--text_length", "8", "--batch_size", "8", "--steps", "2", "--warmup", "1"]
+
+
+def _load(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)  # torch_reference imports train_throughput as a sibling
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # compiles the pmapped step (~20 s on 2 idle cores, minutes on busy ones)
+def test_train_throughput_tiny(tmp_path, capsys):
+    tt = _load("train_throughput")
+    out = tmp_path / "r.json"
+    res = tt.main(TINY + ["--work_dir", str(tmp_path / "work"), "--num_workers", "0",
+                          "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [json.loads(x) for x in lines] == [res]  # one JSON line
+    assert res["num_devices"] == 4 and res["global_batch"] == 8  # conftest's fake devices
+    for key in ("samples_per_s", "step_time_ms", "compile_s", "e2e_samples_per_s",
+                "e2e_step_time_ms"):
+        assert res[key] > 0, key
+    assert res["flops_per_sample_xla"] > 0  # XLA's cost analysis works on CPU
+    assert res["flops_per_sample_analytic"] is None  # only defined for the full model
+    assert res["peak_memory_bytes"] == "n/a" or res["peak_memory_bytes"] > 0
+    assert res["mfu"] == "n/a"  # no known peak for a CPU
+    assert res["e2e_train_examples"] >= 8
+
+
+def test_train_throughput_analytic_flops_and_peaks():
+    tt = _load("train_throughput")
+    config = tt.make_config(tt.parse_args([]))
+    assert tt.analytic_flops_per_sample(config) == pytest.approx(32.8e9, rel=0.01)
+
+    class H100:
+        platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+    assert tt.peak_tflops(H100(), "bfloat16", 0)[0] == 989.4
+    assert tt.peak_tflops(H100(), "float32", 0)[0] == 494.7
+    assert tt.peak_tflops(H100(), "float32", 67.0) == (67.0, "--peak_tflops")
+
+
+def test_torch_reference_tiny(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    ref = _load("torch_reference")
+    # jaxmm's own measurement is covered above; a fixed result keeps this test to torch's time.
+    fake = {"samples_per_s": 100.0, "step_time_ms": 80.0, "compile_s": 1.0, "dtype": "float32",
+            "num_devices": 4, "device_kind": "cpu", "peak_memory_bytes": "n/a", "mfu": "n/a"}
+    monkeypatch.setattr(ref, "run_jaxmm", lambda args: fake)
+    out = tmp_path / "t.json"
+    res = ref.main(TINY + ["--dtype", "float32", "--no_compile", "--compare", "--device", "cpu",
+                           "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    for mode in ("original", "tuned"):
+        assert res[mode]["samples_per_s"] > 0 and res[mode]["step_time_ms"] > 0
+    assert res["original"]["memory_format"] == "NCHW"
+    assert res["tuned"]["memory_format"] == "channels_last"
+    assert res["tuned"]["torch_compile"] == "off"
+    assert res["ratios"]["jaxmm_vs_original"] == pytest.approx(
+        100.0 / res["original"]["samples_per_s"], rel=1e-2)
+    assert set(res["ratios"]) == {"jaxmm_vs_original", "jaxmm_vs_tuned"}
+
+
+def test_torch_model_matches_jaxmm_parameter_count():
+    """Same architecture: the PyTorch reference has as many weights as jaxmm's model."""
+    pytest.importorskip("torch")
+    import jax
+
+    ref = _load("torch_reference")
+    args = ref.parse_args(TINY)
+    tt = ref.tt
+    config = tt.make_config(ref.jax_args(args))
+    model = tt.models.build_model(config.model, len(tt.TRAIN_COUNTS), tt.vocab_size(config),
+                                  axis_name=None)
+    shapes = jax.eval_shape(lambda k: tt.models.init_variables(model, k, 32, 8),
+                            jax.random.PRNGKey(0))  # shapes only: nothing is compiled
+    jax_count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+    torch_count = sum(p.numel() for p in ref.make_model(args, "cpu").parameters())
+    # BatchNorm running statistics are buffers in torch and batch_stats in jaxmm: not counted.
+    assert torch_count == jax_count
+
+
+def test_gpu_suite_script_is_valid_bash():
+    subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_suite.sh")], check=True)
