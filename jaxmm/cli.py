@@ -70,12 +70,14 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
 
 
-def initialize_distributed() -> None:
-    """Starts jax.distributed from the flags above, the JAX_* variables or an srun step, then
-    sets up logging. Call it first in ``main``, before anything touches a device."""
+def initialize_distributed(compilation_cache_dir: str = "") -> None:
+    """Sets XLA options, starts jax.distributed from the flags above, the JAX_* variables or an
+    srun step, then sets up logging. Call it first in ``main``, before anything touches a
+    device."""
     from jaxmm import parallel
 
     f = flags.FLAGS
+    parallel.configure_xla(compilation_cache_dir)
     parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     setup_logging()
 

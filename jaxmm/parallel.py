@@ -60,6 +60,29 @@ def _has_gpu_env() -> bool:
                 or os.environ.get("SLURM_GPUS_ON_NODE"))
 
 
+# Safe on every GPU run: overlaps the gradient psum and synchronised-BatchNorm collectives with
+# compute on several GPUs (a no-op on one). NVIDIA's JAX containers enable it by default.
+_GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+
+
+def configure_xla(compilation_cache_dir: str = "") -> None:
+    """Adds GPU XLA flags the user has not set and turns on the persistent compilation cache.
+
+    Call before the first device is touched. A requeued Slurm job then reuses the compiled step
+    instead of compiling again (minutes for the full model).
+
+    Args:
+      compilation_cache_dir: folder for compiled executables; "" leaves the cache off unless
+        JAX_COMPILATION_CACHE_DIR is set.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in _GPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    if compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+
+
 def check_batch_size(global_batch: int, name: str = "batch_size") -> int:
     """Returns the per-process batch size, checking the global one splits evenly.
 

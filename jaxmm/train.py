@@ -8,6 +8,7 @@ GPU) or with ``--coordinator_address`` it starts ``jax.distributed`` first. Exit
 1 error, 2 bad flags.
 """
 
+import os
 import sys
 
 from absl import flags, logging
@@ -25,7 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.initialize_distributed()
+    # The workdir survives requeues, so its compilation cache saves a compile on every resume.
+    cli.initialize_distributed(os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"))
     import jax
 
     from jaxmm import trainer

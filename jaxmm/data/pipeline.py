@@ -105,11 +105,40 @@ def make_train_iter(config, source, tokenizer, *, local_batch_size: int, process
     # example gets the same crop and flip however many processes share the batch.
     ds = ds.random_map(transforms.TrainTransform(config.image_size,
                                                  config.get("color_jitter", 0.0)))
-    # Process p takes positions p, p+P, ...: its part of every global batch, within one epoch.
-    ds = ds[process_index::process_count]
+    ds = ProcessBlock(ds, local_batch_size, process_index, process_count)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     return _finish(ds, config.get("num_workers", 0),
                    transforms.TokenizeBatch(tokenizer, config.max_text_length))
+
+
+class ProcessBlock(grain.MapDataset):
+    """This process's contiguous block of every global batch.
+
+    Process p takes positions [p*B, (p+1)*B) of each global batch of P*B positions, so device d
+    of the job (process-major order) sees the same examples, in the same order, as device d of a
+    single-process run on the same devices: dropout keys, which depend on the device index, then
+    fall on the same examples, and a multi-process run repeats a single-process one.
+    """
+
+    def __init__(self, parent: grain.MapDataset, local_batch_size: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._b, self._p, self._n = local_batch_size, process_index, process_count
+        self._length = len(parent) // process_count
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        epoch, i = divmod(index, self._length)
+        batch, offset = divmod(i, self._b)
+        return epoch * len(self._parent) + (batch * self._n + self._p) * self._b + offset
+
+    def __getitem__(self, index: int):
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessBlock(batch={self._b}, process={self._p}/{self._n})"
 
 
 class PaddedSource:
