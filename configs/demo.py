@@ -34,7 +34,7 @@ def get_config():
     c.model.dropout = 0.1
     c.batch_size = 16
     c.eval_batch_size = 32
-    c.num_epochs = 6
+    c.num_epochs = 10
     c.optim.lr_image = 2e-3
     c.optim.lr_text = 2e-3
     c.optim.lr_head = 2e-3

@@ -86,5 +86,5 @@ def setup_logging() -> None:
     """INFO logs on process 0, warnings only elsewhere (call after distributed init)."""
     import jax
 
-    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)

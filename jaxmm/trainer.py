@@ -88,6 +88,9 @@ class Setup:
 
 def build(config: ml_collections.ConfigDict) -> Setup:
     """Prepares the data (once), loads the tokenizer, builds the model, optimizer and state."""
+    if not config.data_dir:
+        raise ValueError("config.data_dir is not set: pass --config.data_dir=/path/to/dataset "
+                         "(the folder holding CVPR_2024_dataset_Train, _Val and _Test)")
     parallel.check_batch_size(config.batch_size, "batch_size")
     if config.early_stopping_metric not in _METRICS:
         raise ValueError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "

@@ -42,4 +42,4 @@ def test_offline_uncached_hub_id_is_one_clear_line():
     with pytest.raises(tokenizer_lib.TokenizerError) as err:
         tokenizer_lib.get_tokenizer(config, "")
     msg = str(err.value)
-    assert "\n" not in msg and "pre-download" in msg and "config.tokenizer" in msg
+    assert "\n" not in msg and "download_weights" in msg and "config.tokenizer" in msg

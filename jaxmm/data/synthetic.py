@@ -46,7 +46,13 @@ _STYLE = {"Black": ((40, 40, 45), "ellipse"), "Blue": ((40, 90, 200), "rectangle
           "Green": ((60, 160, 60), "ellipse"), "TTR": ((200, 90, 30), "polygon")}
 _CAPTION_TEMPLATES = ("A {} sitting on top of a table.", "A close up of a {} on a table.",
                       "A {} on a white background.", "A picture of a {}.")
-_FOREIGN_ROOT = "/work/TALC/enel645_2024f/garbage_data"
+# Captions CSVs of the real data hold absolute paths of the cluster they were made on.
+_FOREIGN_ROOT = "/cluster/courses/ml645/garbage_data"
+# Like the real data, neither modality is perfect: some objects look like another bin's (the
+# image then misleads), and some texts are items that belong to another bin's list (the text
+# then misleads). With these rates a model needs both towers to do well.
+_STYLE_NOISE = 0.35
+_TEXT_NOISE = 0.12
 
 
 def class_counts(per_class: int, split: str) -> list[int]:
@@ -87,14 +93,18 @@ def _plan(per_class: int, seed: int, max_side: int) -> list[tuple]:
             picks = rng.choice(len(items), size=count, p=weights / weights.sum())
             used, seen = set(), {}
             for idx in picks:
-                k = seen.get(idx, 0)
-                seen[idx] = k + 1
-                name = _file_name(items[idx], k, rng, used)
+                item = items[idx]
+                if rng.random() < _TEXT_NOISE:
+                    other = ITEMS[CLASSES[rng.integers(len(CLASSES))]]
+                    item = other[rng.integers(len(other))]
+                k = seen.get(item, 0)
+                seen[item] = k + 1
+                name = _file_name(item, k, rng, used)
                 side = max_side if rng.random() < 0.7 else int(max_side * rng.uniform(0.5, 1.0))
                 other = side if rng.random() < 0.6 else int(side * rng.uniform(0.6, 1.0))
                 size = (side, other) if rng.random() < 0.5 else (other, side)
                 rgba = name.endswith(".png") and rng.random() < 0.15
-                plan.append((split, cls, name, items[idx], int(rng.integers(2**31)), size, rgba))
+                plan.append((split, cls, name, item, int(rng.integers(2**31)), size, rgba))
     return plan
 
 
@@ -113,6 +123,8 @@ def render(cls: str, seed: int, size: tuple[int, int]) -> Image.Image:
     w, h = size
     low = rng.integers(150, 240, size=(4, 4, 3), dtype=np.uint8)
     img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    if rng.random() < _STYLE_NOISE:
+        cls = CLASSES[rng.integers(len(CLASSES))]
     colour, shape = _STYLE.get(cls, ((128, 128, 128), "ellipse"))
     colour = tuple(int(np.clip(c + rng.integers(-30, 31), 0, 255)) for c in colour)
     cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)

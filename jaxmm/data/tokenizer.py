@@ -76,10 +76,10 @@ def load_tokenizer(name_or_dir: str):
             raise TokenizerError(f"cannot load tokenizer from {name_or_dir}: "
                                  f"{str(e).splitlines()[0]}") from None
         raise TokenizerError(
-            f"tokenizer {name_or_dir!r} is not a local directory nor in the Hugging Face cache; "
-            "pre-download it where there is network: python -c \"from transformers import "
-            f"AutoTokenizer; AutoTokenizer.from_pretrained('{name_or_dir}')"
-            ".save_pretrained('DIR')\" and set config.tokenizer=DIR") from None
+            f"tokenizer {name_or_dir!r} is neither a local directory nor a hub id in the local "
+            "Hugging Face cache; on a machine with internet run `python -m "
+            "jaxmm.download_weights --out weights` (it saves the tokenizer with the DistilBERT "
+            "weights in weights/distilbert) and set --config.tokenizer to that folder") from None
 
 
 def _train_texts(dataset_dir: str) -> list[str]:
