@@ -35,8 +35,12 @@ class _IteratorSnapshot:
 
 
 def _manager(path: epath.Path, items: tuple, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
+    # Two managers may save the same step at once; distinct barrier names keep their
+    # multi-process barriers from colliding.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=path.name))
     return ocp.CheckpointManager(path, options=options, item_names=items)
 
 

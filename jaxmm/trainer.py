@@ -146,6 +146,8 @@ def _restore_or_init(config, setup: Setup, ckpts, train_iter) -> tuple[dict, dic
     host = _host_state(setup.state)
     if ckpts.latest_step() is not None:
         host, progress = ckpts.restore(host, train_iter)
+        if progress["status"] == "preempted":  # Saved on a stop signal: carry on training.
+            progress["status"] = "running"
         logging.info("Resumed from step %d (epoch %d)", int(host["step"]), progress["epoch"])
         _warn_config_changes(progress.get("config", {}), config)
         progress["config"] = config.to_dict()

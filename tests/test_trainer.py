@@ -113,17 +113,25 @@ def _wait_for_checkpoint(workdir, proc, timeout=300):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_saves_and_exits_75(data_dir, tmp_path, sig):
-    proc = subprocess.Popen(_train_cmd(tmp_path, data_dir), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_stop_signal_saves_exits_75_and_resumes(data_dir, tmp_path, sig):
+    # More epochs than the reference, so the signal surely lands mid-training.
+    cmd = _train_cmd(tmp_path, data_dir, num_epochs=4)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
+    assert "run the same command to resume" in err
     from jaxmm import checkpointing
 
     saved = checkpointing.available(str(tmp_path))["latest"]
-    assert saved is not None and "resume" in err
+    assert saved is not None
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resumed from step {saved}" in out.stderr
+    summary = _summary(tmp_path)
+    assert summary["status"] == "finished" and summary["epochs_completed"] == 4
 
 
 def test_non_finite_loss_stops_with_clear_message(data_dir, tmp_path):

@@ -1,0 +1,195 @@
+"""End-to-end checks of slurm/jax_train.sh and slurm/evaluate.sh on a running Slurm cluster.
+
+Needs `sbatch` and an idle node (`.ci/slurm_up.sh` starts a one-node cluster as root); skipped
+otherwise. The jobs train the demo config on a CPU-only allocation: 2 tasks (2 JAX processes,
+each with 2 fake CPU devices), tiny images and 2 epochs. A second run is sent the time-limit
+warning signal mid-training and must be requeued, resume from its checkpoint and end with the
+same result as the uninterrupted run.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+# 2 processes x 2 fake devices; --cpus-per-task=1 -> the script passes num_workers=0.
+SBATCH_CPU = ["--gpus-per-node=0", "--ntasks=2", "--cpus-per-task=1", "--time=15"]
+# Tiny demo run: 48 Train examples -> 6 steps per epoch; metrics logged and stop signals checked
+# every step so the interruption lands mid-run.
+TINY = ["--config.demo.per_class=12", "--config.demo.max_side=64",
+        "--config.stored_image_size=40", "--config.image_size=32", "--config.batch_size=8",
+        "--config.eval_batch_size=8", "--config.num_epochs=2", "--config.log_every_steps=1",
+        "--config.signal_check_every_steps=1", "--config.checkpoint_every_steps=100"]
+
+
+def _run(cmd: list[str], **kwargs) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, **kwargs)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout
+
+
+def _cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here, or None when an idle node is there."""
+    missing = [c for c in ("sbatch", "sinfo", "scontrol", "scancel") if not shutil.which(c)]
+    if missing:
+        return f"Slurm commands not found: {', '.join(missing)} (.ci/slurm_up.sh installs them)"
+    try:
+        nodes = _run(["sinfo", "-h", "-t", "idle", "-o", "%n"]).split()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return f"Slurm controller not reachable: {e}"
+    return None if nodes else "no idle Slurm node"
+
+
+class Cluster:
+    """Submits jobs from the repository root and cancels leftovers at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.jobs: list[str] = []
+        self.env = dict(os.environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+                        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                        # Shared by all jobs here: later runs skip most of the compilation.
+                        JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
+
+    def submit(self, script: str, name: str, sbatch_args: list[str], args: list[str],
+               **env: str) -> str:
+        cmd = ["sbatch", "--parsable", f"--job-name={name}",
+               f"--output={self.tmp / name}-%j.out", *sbatch_args, script, *args]
+        job = _run(cmd, cwd=ROOT, env=dict(self.env, **env)).strip().split(";")[0]
+        self.jobs.append(job)
+        return job
+
+    def log(self, job: str) -> str:
+        logs = sorted(self.tmp.glob(f"*-{job}.out"))
+        return logs[0].read_text(errors="replace") if logs else "(no log)"
+
+    def cancel_all(self) -> None:
+        for job in self.jobs:
+            subprocess.run(["scancel", job], capture_output=True, check=False)
+
+
+def job_info(job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge seconds)."""
+    fields = {}
+    for item in _run(["scontrol", "show", "job", "-o", job]).split():
+        key, _, value = item.partition("=")
+        fields[key] = value
+    return fields
+
+
+def wait_for(job: str, cluster: Cluster, until, what: str, timeout_s: float = JOB_TIMEOUT_S,
+             poll_s: float = 1.0):
+    """Polls the job until ``until(info)`` holds; fails with the job's log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if until(info):
+            return info
+        if info["JobState"] in DONE_STATES:
+            break
+        time.sleep(poll_s)
+    pytest.fail(f"job {job} not {what} (state {info['JobState']}); log:\n{cluster.log(job)}")
+
+
+def wait_done(job: str, cluster: Cluster) -> dict[str, str]:
+    return wait_for(job, cluster, lambda i: i["JobState"] in DONE_STATES, "done")
+
+
+def assert_completed(info: dict[str, str], cluster: Cluster) -> None:
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), cluster.log(info["JobId"])
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    yield c
+    c.cancel_all()
+
+
+@pytest.fixture(scope="module")
+def train_args(cluster):
+    return [f"--config.data_dir={cluster.tmp / 'demo_data'}", *TINY]
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster, train_args):
+    """An uninterrupted 2-process training job; returns (job info, workdir)."""
+    workdir = cluster.tmp / "run_plain"
+    job = cluster.submit("slurm/jax_train.sh", "train_plain", SBATCH_CPU, train_args,
+                         CONFIG="configs/demo.py", WORKDIR=str(workdir))
+    return wait_done(job, cluster), workdir
+
+
+def test_two_process_training_job(cluster, baseline):
+    info, workdir = baseline
+    assert_completed(info, cluster)
+    assert info["Restarts"] == "0"
+    log = cluster.log(info["JobId"])
+    assert "2 task(s)" in log and "training finished" in log and "requeueing job" not in log
+    assert read_json(workdir / "config.json")["run"]["process_count"] == 2
+    assert (workdir / "metrics.jsonl").read_text().strip()
+    assert any((workdir / "checkpoints").iterdir())
+    assert read_json(workdir / "train_summary.json")["status"] == "finished"
+
+
+def test_warning_signal_requeues_and_resumes(cluster, baseline, train_args):
+    workdir = cluster.tmp / "run_requeued"
+    job = cluster.submit("slurm/jax_train.sh", "train_requeued", SBATCH_CPU, train_args,
+                         CONFIG="configs/demo.py", WORKDIR=str(workdir))
+    metrics = workdir / "metrics.jsonl"
+    wait_for(job, cluster, lambda i: metrics.exists() and metrics.stat().st_size > 0,
+             "training", poll_s=0.2)
+    # What Slurm does before the time limit with --signal=B:USR1@N.
+    _run(["scancel", "--signal=USR1", "--batch", job])
+    info = wait_for(job, cluster, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
+                    "requeued")
+    assert any((workdir / "checkpoints").iterdir())
+    assert "received SIGUSR1" in cluster.log(job)
+    # The requeued job becomes eligible again after the credential lifetime (AuthInfo
+    # cred_expire: 30 s on the .ci/slurm_up.sh cluster, 120 s by default). Starting it earlier
+    # (scontrol update StartTime=now) makes slurmd kill it: "Job credential revoked".
+    # A second requeue would mean the resumed run stopped again without a signal.
+    info = wait_for(job, cluster, lambda i: i["JobState"] in DONE_STATES or i["Restarts"] != "1",
+                    "done")
+    assert info["Restarts"] == "1", cluster.log(job)
+    assert_completed(info, cluster)
+    log = cluster.log(job)
+    assert "requeueing job" in log and "(restart 1)" in log and "training finished" in log
+
+    resumed = read_json(workdir / "train_summary.json")
+    plain = read_json(baseline[1] / "train_summary.json")
+    assert resumed["status"] == plain["status"] == "finished"
+    assert resumed["step"] == plain["step"]
+    assert resumed["params_abs_sum"] == pytest.approx(plain["params_abs_sum"], rel=1e-6)
+    assert resumed["best_validation"] == pytest.approx(plain["best_validation"], rel=1e-5)
+
+
+def test_evaluate_job(cluster, baseline):
+    workdir = baseline[1]
+    assert_completed(baseline[0], cluster)
+    job = cluster.submit("slurm/evaluate.sh", "evaluate",
+                         ["--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=1", "--time=10"],
+                         [], WORKDIR=str(workdir), SPLIT="test", CHECKPOINT="best")
+    assert_completed(wait_done(job, cluster), cluster)
+    metrics = read_json(workdir / "eval" / "test" / "metrics.json")
+    assert metrics["split"] == "test", cluster.log(job)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
