@@ -22,7 +22,6 @@ torch is a benchmark-only dependency.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -289,12 +288,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     np.random.seed(0)
     res = run(args)
-    print(json.dumps(res))
-    print(format_table(res))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    tt.emit(res, format_table(res), args.out)
     return res
 
 

@@ -338,13 +338,18 @@ def main(argv=None) -> dict:
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     args = parse_args(argv)
     res = run(args)
-    print(json.dumps(res))
-    print(format_table(res))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    emit(res, format_table(res), args.out)
     return res
+
+
+def emit(res: dict, table: str, out: str) -> None:
+    """Prints the JSON line and the table; writes the JSON to ``out`` when given."""
+    print(json.dumps(res))
+    print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

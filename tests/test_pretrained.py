@@ -4,7 +4,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -18,17 +17,9 @@ from transformers import (
 
 from jaxmm import download_weights, models
 from jaxmm.models import pretrained, resnet
+from tests.test_models import model_config
 
 VOCAB, CLASSES, SIZE, LENGTH = 64, 4, 32, 8
-
-
-def model_config(**overrides):
-    cfg = dict(modalities=("image", "text"), image_arch="tiny", image_pretrained="",
-               text_arch="tiny", text_pretrained="", text_pooling="cls", fusion="concat",
-               proj_dim=16, hidden_dim=32, dropout=0.1, modality_dropout=0.0,
-               dtype="float32", freeze_image=False, freeze_text=False)
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
 
 
 def batch(n=2, seed=0):
