@@ -316,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             p["status"] = "finished"
         run.save()
     run.ckpts.wait()
+    run.train_iter.close()  # Stops grain workers and frees their shared memory.
     summary = _summary(run, compile_s)
     run.ckpts.close()
     run.writer.close()
