@@ -161,14 +161,16 @@ def restore_model(workdir: str, which: str = "best") -> tuple[dict, int]:
 
 
 def _restore_tree(path: epath.Path, keys: tuple | None = None) -> dict:
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata.tree
+    # The handler reads one item folder directly (the checkpointer would look for the step's
+    # metadata file inside the item folder and warn).
+    handler = ocp.PyTreeCheckpointHandler()
+    metadata = handler.metadata(path).tree
     if keys is not None:
         metadata = {k: metadata[k] for k in keys}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(
-        _numpy_targets(metadata))
-    tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=_numpy_targets(metadata), restore_args=restore_args, partial_restore=True))
+    targets = _numpy_targets(metadata)
+    tree = handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
+        partial_restore=True))
     return _to_numpy(tree)
 
 

@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) < 2:
         raise ValueError("give at least one image file or folder")
+    cli.setup_logging()
     from jaxmm import figures, inference
 
     files, problems, any_folder = inference.find_images(argv[1:])
