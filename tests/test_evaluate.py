@@ -2,7 +2,7 @@
 scikit-learn's, figures, a fresh process reproducing the training run's validation numbers, the
 modality ablation and one-line errors.
 
-A tiny demo run is trained once per test session (``trained_run``) and shared with
+A tiny demo run is trained once per pytest run (``trained_run``) and shared with
 test_predict.py.
 """
 
@@ -40,7 +40,7 @@ def _tiny_config(root):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """Workdir of a tiny demo run trained on 4 fake devices (trained once per session)."""
+    """Workdir of a tiny demo run trained on 4 fake devices (trained once per pytest run)."""
     from jaxmm import trainer
 
     root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
