@@ -1,0 +1,48 @@
+"""Small file helpers shared by every writer: atomic JSON, CSV, text cells."""
+
+import csv
+import json
+import os
+
+import numpy as np
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    return str(x)
+
+
+def write_json(path: str, obj) -> str:
+    """Writes JSON to a temporary file and renames it, so a reader never sees half a file.
+
+    NumPy values become lists/numbers; anything else unknown becomes its ``str``.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False, default=_jsonable)
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> str:
+    """Writes ``rows`` (dicts) with the given column order."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def text(value) -> str:
+    """A record's text field as ``str`` (TFDS returns bytes)."""
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)

@@ -1,0 +1,44 @@
+"""Where things live: the layout of a training workdir and of a prepared dataset.
+
+Every file or folder name that more than one module (or a Slurm script) needs is spelled here
+once. Shell scripts read them with ``python -m jaxmm.paths NAME``.
+"""
+
+import os
+import sys
+
+# --- A training workdir ----------------------------------------------------------------------
+CONFIG_FILE = "config.json"  # the run record: config, classes, class weights, preprocessing
+METRICS_FILE = "metrics.jsonl"  # one JSON line per train log step / validation
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "learning_curves.png"
+SUMMARY_FILE = "train_summary.json"  # written when a run stops (finished, early, preempted)
+JAX_CACHE_DIR = "jax_cache"  # persistent compilation cache (survives requeues)
+EVAL_DIR = "eval"  # eval/<split>/ reports of jaxmm.evaluate
+CHECKPOINTS_DIR = "checkpoints"  # latest K train states + data position (orbax)
+BEST_DIR = "best"  # params + batch statistics of the best validation epoch (orbax)
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
+
+# --- A prepared dataset (prepare's output root and the TFDS dataset folder inside it) ----------
+REPORT_FILE = "prepare_report.json"  # in the output root: counts, skipped files, text sources
+FINGERPRINT_FILE = "prepare_fingerprint.json"  # in the output root: raw data + options hash
+DONE_MARKER = "prepare_done.json"  # in the output root: written last, read by other processes
+META_FILE = "jaxmm_meta.json"  # in the dataset folder: class names, counts, options
+DATASET_NAME = "jaxmm_garbage"  # TFDS builder name
+DATASET_VERSION = "1.0.0"
+DEFAULT_PREPARED_SUBDIR = "jaxmm_prepared"  # <data_dir>/jaxmm_prepared unless configured
+
+
+def dataset_path(out_dir: str) -> str:
+    """The TFDS dataset folder (``tfds.builder_from_directory`` opens it) inside an output root."""
+    return os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
+
+
+def in_workdir(workdir: str, name: str) -> str:
+    """A file or folder of the workdir layout, e.g. ``in_workdir(w, paths.CONFIG_FILE)``."""
+    return os.path.join(workdir, name)
+
+
+if __name__ == "__main__":
+    # For shell scripts: `python -m jaxmm.paths SUMMARY_FILE` prints train_summary.json.
+    print(globals()[sys.argv[1]])
