@@ -6,7 +6,7 @@
 
 Default model: ResNet-50 at 224 px + DistilBERT (6 layers, 768 wide, vocabulary 30522) at text
 length 32, random init (weights do not change the speed), concat fusion head, class-weighted
-loss and the AdamW optimizer of the trainer (``steps.train_step`` + ``optim.make_optimizer``).
+loss and the AdamW optimizer of training, built by the same ``jaxmm.builders`` functions.
 
 Measured after warm-up, with one ``block_until_ready`` at the end of each timed window:
   (a) step: samples/s of the train step on device-resident synthetic batches;
@@ -27,7 +27,6 @@ overrides; elsewhere (CPUs) MFU is "n/a".
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
-from jaxmm import losses, models, optim, parallel, prepare, steps  # noqa: E402
+from jaxmm import builders, parallel, prepare  # noqa: E402
 from jaxmm.data import builder, pipeline, synthetic  # noqa: E402
 from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
 
@@ -94,7 +93,7 @@ def select_devices(n: int) -> list:
 
 
 def make_config(args):
-    """The trainer's default config with the benchmark's sizes (random init, no pretrained)."""
+    """The default config with the benchmark's sizes (random init, no pretrained)."""
     c = default_config.get_config()
     c.model.image_arch, c.model.text_arch = args.image_arch, args.text_arch
     c.model.image_pretrained = c.model.text_pretrained = ""
@@ -113,19 +112,13 @@ def vocab_size(config) -> int:
 
 
 def build_state(config, num_classes: int = len(TRAIN_COUNTS)):
-    """Model, host train state and the pmapped train step, as the trainer builds them."""
-    model = models.build_model(config.model, num_classes, vocab_size(config),
-                               axis_name=parallel.AXIS_NAME)
-    variables = models.init_variables(model, jax.random.PRNGKey(config.seed), config.image_size,
-                                      config.max_text_length)
-    tx = optim.make_optimizer(config, models.param_labels(variables["params"]),
-                              total_steps=10_000, steps_per_epoch=100)
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    batch_stats=variables["batch_stats"], tx=tx)
-    weights = losses.balanced_class_weights(TRAIN_COUNTS)
-    train_fn = jax.pmap(functools.partial(steps.train_step, class_weights=weights),
-                        axis_name=parallel.AXIS_NAME, donate_argnums=(0,))
-    return state, train_fn
+    """Replicated train state and pmapped train step, built exactly as the training loop builds
+    them (``jaxmm.builders``), with the real dataset's class-weight spread."""
+    model = builders.make_model(config, num_classes, vocab_size(config))
+    tx = builders.make_optimizer(config, model, steps_per_epoch=100, total_steps=10_000)
+    variables = builders.init_variables(config, model, log=lambda line: None)
+    weights = builders.class_weights(config, list(synthetic.CLASSES), TRAIN_COUNTS)
+    return builders.replicated_state(model, tx, variables), builders.train_step_fn(config, weights)
 
 
 def synthetic_batches(config, global_batch: int, count: int = 2, seed: int = 0) -> list:
@@ -158,7 +151,7 @@ class _ListIterator:
 
 
 def to_devices(host_batches: list) -> list:
-    """Places host batches exactly as the trainer does (sharded over the local devices)."""
+    """Places host batches exactly as the training loop does (sharded over the local devices)."""
     return [b for b, _ in parallel.prefetch_to_device(_ListIterator(host_batches))]
 
 
@@ -224,8 +217,7 @@ def peak_memory(devices) -> int | str:
 
 def measure_step(args, config, devices) -> tuple[dict, object]:
     """Part (a) plus compile time and FLOPs. Returns (results, context for part (b))."""
-    host_state, train_fn = build_state(config)
-    state = parallel.replicate(host_state)
+    state, train_fn = build_state(config)
     key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
     batches = to_devices(synthetic_batches(config, args.batch_size))
     compiled, compile_s, flops = compile_step(train_fn, state, batches[0], key)

@@ -8,12 +8,12 @@ The dataset is generated on first use into ``data_dir`` (a cache folder) and pre
 
 import os
 
-from configs import default
+from jaxmm.config_files import sibling
 
 
 def get_config():
     """Returns the demo configuration (see configs/default.py for every field)."""
-    c = default.get_config()
+    c = sibling(__file__, "default")()
     cache = os.environ.get("JAXMM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxmm"))
     c.data_dir = os.path.join(cache, "demo_data")
     c.demo.enabled = True

@@ -4,12 +4,12 @@
           --config.data_dir=/path/to/garbage_data
 """
 
-from configs import default
+from jaxmm.config_files import sibling
 
 
 def get_config():
     """Returns the default configuration with GPU-friendly settings."""
-    c = default.get_config()
+    c = sibling(__file__, "default")()
     c.model.dtype = "bfloat16"
     c.batch_size = 128
     c.eval_batch_size = 256

@@ -30,22 +30,27 @@ def main(argv):
     cli.initialize_distributed()
     import jax
 
-    from jaxmm import figures, inference
+    from jaxmm import eval_report
 
     logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    result = inference.evaluate_run(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value,
-                                    _MODALITIES.value, _ABLATION.value)
+    result = eval_report.evaluate_run(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value,
+                                      _MODALITIES.value, _ABLATION.value)
     if jax.process_index() != 0:
         return
-    print(figures.summary(result["metrics"], result["report"]))
+    print(eval_report.summary(result["metrics"], result["report"]))
     for note in result["notes"]:
         print(note)
     if result["ablation"]:
         print("\nmodality ablation (same checkpoint, towers masked at evaluation):")
-        print(figures.ablation_table(result["ablation"]))
+        print(eval_report.ablation_table(result["ablation"]))
     print(f"\nreports in {result['out_dir']}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``jaxmm-evaluate``)."""
     cli.run(main, "jaxmm.evaluate")
+
+
+if __name__ == "__main__":
+    run()

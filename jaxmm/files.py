@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 
-def _jsonable(x):
+def jsonable(x):
+    """A JSON-ready stand-in for a value json cannot write (NumPy values, anything else)."""
     if isinstance(x, (np.generic, np.ndarray)):
         return x.tolist()
     return str(x)
@@ -20,7 +21,7 @@ def write_json(path: str, obj) -> str:
     """
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False, default=_jsonable)
+        json.dump(obj, f, indent=1, ensure_ascii=False, default=jsonable)
     os.replace(tmp, path)
     return path
 

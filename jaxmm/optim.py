@@ -20,6 +20,24 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def schedules(config: ml_collections.ConfigDict, total_steps: int,
+              steps_per_epoch: int) -> dict:
+    """The learning-rate schedule of each tower: warm-up to its peak, then cosine decay.
+
+    Args:
+      config: the full config (reads ``optim``).
+      total_steps: number of train steps of the whole run (for the cosine decay).
+      steps_per_epoch: train steps per epoch (for the warm-up length).
+
+    Returns:
+      {"image" | "text" | "head": optax schedule}.
+    """
+    o = config.optim
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    peaks = {"image": o.lr_image, "text": o.lr_text, "head": o.lr_head}
+    return {t: _schedule(peaks[t], warmup, total_steps, o.final_lr_fraction) for t in _TOWERS}
+
+
 def make_optimizer(config: ml_collections.ConfigDict, labels, total_steps: int,
                    steps_per_epoch: int) -> optax.GradientTransformation:
     """Builds the optimizer for a parameter tree whose leaves are labelled by tower.
@@ -34,16 +52,11 @@ def make_optimizer(config: ml_collections.ConfigDict, labels, total_steps: int,
       An optax transformation; frozen towers get exactly zero updates.
     """
     o = config.optim
-    warmup = int(round(o.warmup_epochs * steps_per_epoch))
     frozen = {"image": config.model.freeze_image, "text": config.model.freeze_text, "head": False}
-    peaks = {"image": o.lr_image, "text": o.lr_text, "head": o.lr_head}
-    inner = {}
-    for tower in _TOWERS:
-        if frozen[tower]:
-            inner[tower] = optax.set_to_zero()
-        else:
-            lr = _schedule(peaks[tower], warmup, total_steps, o.final_lr_fraction)
-            inner[tower] = optax.adamw(lr, weight_decay=o.weight_decay, mask=_decay_mask)
+    rates = schedules(config, total_steps, steps_per_epoch)
+    inner = {t: optax.set_to_zero() if frozen[t] else
+             optax.adamw(rates[t], weight_decay=o.weight_decay, mask=_decay_mask)
+             for t in _TOWERS}
     # Zero frozen gradients before clipping so they do not shrink the trainable ones.
     keep = {t: optax.set_to_zero() if frozen[t] else optax.identity() for t in _TOWERS}
     chain = [optax.multi_transform(keep, labels)]
@@ -56,8 +69,5 @@ def make_optimizer(config: ml_collections.ConfigDict, labels, total_steps: int,
 def learning_rates(config: ml_collections.ConfigDict, step: int, total_steps: int,
                    steps_per_epoch: int) -> dict:
     """The learning rate of each tower at ``step`` (for logging)."""
-    o = config.optim
-    warmup = int(round(o.warmup_epochs * steps_per_epoch))
-    peaks = {"image": o.lr_image, "text": o.lr_text, "head": o.lr_head}
-    return {f"lr_{t}": float(_schedule(p, warmup, total_steps, o.final_lr_fraction)(step))
-            for t, p in peaks.items()}
+    return {f"lr_{t}": float(fn(step))
+            for t, fn in schedules(config, total_steps, steps_per_epoch).items()}

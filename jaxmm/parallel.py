@@ -83,21 +83,44 @@ def configure_xla(compilation_cache_dir: str = "") -> None:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
 
 
-def check_batch_size(global_batch: int, name: str = "batch_size") -> int:
-    """Returns the per-process batch size, checking the global one splits evenly.
+def local_batch_size(global_batch: int, name: str = "batch_size", *,
+                     round_up: bool = False) -> int:
+    """The per-process share of a global batch, which must split evenly over all devices.
 
     Args:
       global_batch: the global batch size from the config.
       name: the config key, for the error message.
+      round_up: round ``global_batch`` up to the next multiple of the device count instead of
+        refusing it (evaluation, where padding is masked, on a machine the run was not
+        configured for).
 
     Returns:
-      global_batch // jax.process_count().
+      (global batch, rounded up if asked) // jax.process_count().
     """
     devices = jax.device_count()
-    if global_batch % devices:
+    if global_batch < 1:
+        raise ValueError(f"config.{name}={global_batch} must be at least 1")
+    if round_up:
+        global_batch = -(-global_batch // devices) * devices
+    elif global_batch % devices:
         raise ValueError(f"config.{name}={global_batch} is not divisible by the {devices} devices "
                          f"of this run; choose a multiple of {devices}")
     return global_batch // jax.process_count()
+
+
+def pmap_train_step(step_fn):
+    """``step_fn(state, batch, key)`` pmapped over the local devices; the state is donated."""
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, donate_argnums=(0,))
+
+
+def pmap_eval_step(step_fn):
+    """``step_fn(variables, batch, modality_mask)`` pmapped; the mask is one host value."""
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(0, 0, None))
+
+
+def pmap_init(init_fn):
+    """``init_fn(replicated_tree)`` run on every local device (e.g. an optimizer's init)."""
+    return jax.pmap(init_fn, axis_name=AXIS_NAME)
 
 
 def shard(batch: dict) -> dict:
@@ -169,6 +192,23 @@ def unreplicate_to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
 
 
+def _identity(tree):
+    return tree
+
+
+# pmap with an unmapped output: one compiled program for the whole tree (cached), no host copy.
+_unreplicated = jax.pmap(_identity, axis_name=AXIS_NAME, out_axes=None)
+
+
+def replicated_view(tree):
+    """The replicated pytree as arrays of the unreplicated shape, still on the devices.
+
+    The result is replicated over the devices (one full copy each), which orbax saves
+    (asynchronously, from one replica) as ordinary arrays, so no copy to the host is made here.
+    """
+    return _unreplicated(tree)
+
+
 def first(tree):
     """The first local replica, kept on device (no host transfer)."""
     return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
@@ -182,11 +222,3 @@ def any_process(flag: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
     return bool(np.asarray(flags).any())
-
-
-def barrier(name: str) -> None:
-    """Waits until every process reaches this point."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

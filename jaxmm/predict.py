@@ -29,20 +29,20 @@ def main(argv):
     if len(argv) < 2:
         raise ValueError("give at least one image file or folder")
     cli.setup_logging()
-    from jaxmm import figures, inference
+    from jaxmm import classify, files, restore
 
-    files, problems, any_folder = inference.find_images(argv[1:])
-    if not files:
+    images, problems, any_folder = classify.find_images(argv[1:])
+    if not images:
         raise FileNotFoundError("; ".join(problems))
-    run = inference.load_run(_WORKDIR.value, _CHECKPOINT.value, axis_name=None)
-    rows, unreadable = inference.predict_files(inference.Predictor(run, _BATCH.value), files,
-                                               _TEXT.value)
+    run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
+    rows, unreadable = classify.predict_files(classify.Predictor(run, _BATCH.value), images,
+                                              _TEXT.value)
     for line in problems + unreadable:
         print(f"skipped {line}", file=sys.stderr)
     out = _OUT.value or ("predictions.csv" if any_folder else "")
     if out:
         columns = ["file", "text", "predicted", "confidence"] + [f"p_{c}" for c in run.class_names]
-        figures.write_csv(out, rows, columns)
+        files.write_csv(out, rows, columns)
         print(f"{len(rows)} predictions written to {os.path.abspath(out)}")
     else:
         for r in rows:
@@ -53,5 +53,10 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``jaxmm-predict``)."""
     cli.run(main, "jaxmm.predict")
+
+
+if __name__ == "__main__":
+    run()

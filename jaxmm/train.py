@@ -14,7 +14,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxmm import cli, reporting
+from jaxmm import cli, paths, train_log
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -27,21 +27,27 @@ def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     # The workdir survives requeues, so its compilation cache saves a compile on every resume.
-    cli.initialize_distributed(os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"))
+    cli.initialize_distributed(
+        paths.in_workdir(os.path.abspath(_WORKDIR.value), paths.JAX_CACHE_DIR))
     import jax
 
-    from jaxmm import trainer
+    from jaxmm import loop
 
     logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if summary["status"] == "preempted":
         logging.warning("stopped after saving step %d; run the same command to resume",
                         summary["step"])
-        sys.exit(trainer.EXIT_PREEMPTED)
+        sys.exit(loop.EXIT_PREEMPTED)
     if jax.process_index() == 0:
-        print(reporting.format_summary(summary))
+        print(train_log.format_summary(summary))
+
+
+def run():
+    """Console-script entry point (``jaxmm-train``)."""
+    cli.run(main, "jaxmm.train")
 
 
 if __name__ == "__main__":
-    cli.run(main, "jaxmm.train")
+    run()

@@ -61,7 +61,7 @@ log "${cmd[*]}"
 "${cmd[@]}"
 rc=$?
 if [ "$rc" = 0 ]; then
-  log "done: $workdir/eval/$split/metrics.json"
+  log "done: reports in $workdir/$("$py" -m jaxmm.paths EVAL_DIR)/"
 else
   log "evaluation failed (exit $rc)"
 fi

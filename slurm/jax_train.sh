@@ -102,7 +102,7 @@ export JAX_COORDINATOR_PORT="${JAX_COORDINATOR_PORT:-$((61440 + job_id % 4096))}
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export PYTHONUNBUFFERED=1
 # Compiled programs persist across requeues, so a restart does not pay for compilation again.
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax_cache}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/$("$py" -m jaxmm.paths JAX_CACHE_DIR)}"
 
 log "job $job_id (restart $restarts) on ${SLURM_JOB_NODELIST:-?}: $nnodes node(s), $ntasks task(s)," \
   "$gpus GPU(s)/node, $cpus CPU(s)/task -> num_workers=$workers"

@@ -2,12 +2,13 @@
 
 import functools
 import logging
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from jaxmm import parallel, steps
+from jaxmm import builders, parallel, steps
 from tests.test_steps import _batch, _state
 
 
@@ -39,20 +40,31 @@ def test_shard_replicate_and_unreplicate_round_trip():
     assert parallel.shard({"x": np.zeros((8, 5))})["x"].shape == (4, 2, 5)
 
 
-def test_batch_size_must_divide_device_count():
-    assert parallel.check_batch_size(8) == 8
+def test_local_batch_size_must_divide_device_count():
+    assert parallel.local_batch_size(8) == 8
     with pytest.raises(ValueError, match="not divisible by the 4 devices"):
-        parallel.check_batch_size(10, "eval_batch_size")
+        parallel.local_batch_size(10, "eval_batch_size")
+    with pytest.raises(ValueError, match="eval_batch_size=0 must be at least 1"):
+        parallel.local_batch_size(0, "eval_batch_size")
+    assert parallel.local_batch_size(10, round_up=True) == 12
+
+
+def test_replicated_view_is_one_unreplicated_copy_on_every_device():
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.asarray(7, np.int32)}
+    view = parallel.replicated_view(parallel.replicate(tree))
+    for key, value in tree.items():
+        assert view[key].shape == value.shape and view[key].is_fully_replicated
+        assert len(view[key].sharding.device_set) == jax.device_count()
+        np.testing.assert_array_equal(np.asarray(view[key]), value)
 
 
 def test_train_step_compiles_once(caplog):
+    # The state is built the way the training loop builds it (optimizer state made on device).
     state = _state()
-    host = jax.tree.map(np.asarray, {"step": state.step, "params": state.params,
-                                     "batch_stats": state.batch_stats,
-                                     "opt_state": state.opt_state})
-    state = state.replace(**parallel.replicate(host))
-    step = jax.pmap(functools.partial(steps.train_step, class_weights=np.ones(3)),
-                    axis_name=parallel.AXIS_NAME, donate_argnums=(0,))
+    model = types.SimpleNamespace(apply=state.apply_fn)
+    state = builders.replicated_state(model, state.tx, jax.device_get(state.variables))
+    step = parallel.pmap_train_step(
+        functools.partial(steps.train_step, class_weights=np.ones(3)))
     key = parallel.replicate(np.asarray(jax.random.PRNGKey(0)))
     jax.config.update("jax_log_compiles", True)
     try:

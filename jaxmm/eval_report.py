@@ -1,11 +1,11 @@
-"""What an evaluation leaves behind: the confusion-matrix and misclassified-example figures, the
-CSV tables and the printed summaries.
+"""Evaluating a trained run on a split (the work behind ``jaxmm.evaluate``) and what it leaves
+behind: metrics.json, the classification report, the prediction CSVs, the confusion-matrix and
+misclassified-example figures, the modality ablation and the printed summaries.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot state), so they
-work headless and in any thread; only process 0 calls anything here.
+work headless and in any thread; only process 0 writes anything here.
 """
 
-import csv
 import os
 import textwrap
 
@@ -13,7 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmm import reporting
+from jaxmm import files, parallel, paths, restore, scoring, train_log
+from jaxmm.data import transforms
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
 
@@ -96,15 +97,6 @@ def misclassified_grid(items: list[dict], path: str, columns: int = 4, title: st
     return _save(fig, path)
 
 
-def write_csv(path: str, rows: list[dict], columns: list[str]) -> str:
-    """Writes ``rows`` (dicts) with the given column order."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def summary(metrics: dict, report: str) -> str:
     """A readable summary of an evaluation: headline metrics, per-class report, confusion."""
     names = metrics["confusion_matrix"]["labels"]
@@ -164,14 +156,14 @@ def write_reports(out_dir: str, metrics: dict, rows: list[dict], image_of,
     os.makedirs(out_dir, exist_ok=True)
     names = metrics["confusion_matrix"]["labels"]
     report = classification_report(rows, names)
-    reporting.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "classification_report.txt"), "w", encoding="utf-8") as f:
         f.write(report)
-    write_csv(os.path.join(out_dir, "predictions.csv"), rows,
+    files.write_csv(os.path.join(out_dir, "predictions.csv"), rows,
               ["index"] + _ERROR_COLUMNS + [f"p_{c}" for c in names])
     errors = sorted((r for r in rows if r["true"] != r["predicted"]),
                     key=lambda r: -r["confidence"])
-    write_csv(os.path.join(out_dir, "misclassified.csv"), errors, _ERROR_COLUMNS)
+    files.write_csv(os.path.join(out_dir, "misclassified.csv"), errors, _ERROR_COLUMNS)
     title = (f"{metrics['split']}, step {metrics['checkpoint_step']}, "
              f"{'+'.join(metrics['modalities'])}: accuracy {metrics['accuracy']:.3f}")
     confusion_matrix(metrics["confusion_matrix"]["counts"], names,
@@ -180,3 +172,64 @@ def write_reports(out_dir: str, metrics: dict, rows: list[dict], image_of,
     misclassified_grid(shown, os.path.join(out_dir, "misclassified.png"),
                        title=f"most confident errors ({len(errors)} in all)")
     return report
+
+
+# --- Evaluation of a split ----------------------------------------------------------------------
+
+ABLATION = (("image", "text"), ("image",), ("text",))
+
+
+def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", modalities=None,
+                 ablation: bool = False) -> dict:
+    """Evaluates a split of a trained run and (on process 0) writes its reports.
+
+    Args:
+      workdir: the training workdir.
+      split: "train", "validation" or "test".
+      checkpoint: "best", "latest" or a step number.
+      modalities: towers to keep (None = all of the model's); the others are masked.
+      ablation: also evaluate every tower combination of ``ABLATION`` the model has.
+
+    Returns:
+      dict(metrics, report (classification report text), out_dir, ablation (rows or None),
+      notes (warnings to show)).
+    """
+    run = restore.load_run(workdir, checkpoint, axis_name=parallel.AXIS_NAME)
+    evaluator = scoring.SplitEvaluator(run, split)
+    mods = scoring.selected_modalities(run.modalities, modalities)
+    metrics, predictions = evaluator(mods, collect=True)
+    metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=run.step,
+                   modalities=list(mods))
+    suffix = "" if mods == run.modalities else "-" + "+".join(mods)
+    out_dir = os.path.join(workdir, paths.EVAL_DIR, split + suffix)
+    result = {"metrics": metrics, "out_dir": out_dir, "ablation": None, "notes": []}
+    if ablation:
+        result["ablation"], result["notes"] = run_ablation(evaluator)
+    result["report"] = ""
+    if train_log.is_writer():
+        rows = scoring.example_rows(evaluator.source, predictions, run.class_names)
+        result["report"] = write_reports(
+            out_dir, metrics, rows, lambda i: transforms.as_pil(evaluator.source[i]["image"]))
+        if result["ablation"]:
+            files.write_json(os.path.join(out_dir, "ablation.json"),
+                                 {"rows": result["ablation"], "notes": result["notes"]})
+    return result
+
+
+def run_ablation(evaluator: scoring.SplitEvaluator) -> tuple[list | None, list]:
+    """Evaluates image+text, image-only and text-only from one checkpoint.
+
+    Returns:
+      (rows, notes): rows is None when the model has a single tower.
+    """
+    run = evaluator.run
+    if len(run.modalities) < 2:
+        return None, [f"ablation is not applicable: the model has only the "
+                      f"{run.modalities[0]} tower"]
+    notes = [] if run.config.model.get("modality_dropout", 0.0) else [
+        "WARNING: the model was trained with config.model.modality_dropout=0, so it never saw a "
+        "missing tower; the single-tower rows are not meaningful"]
+    keys = ("num_examples", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "loss")
+    rows = [{"modalities": list(mods), **{k: m[k] for k in keys}}
+            for mods in ABLATION for m in [evaluator(mods)[0]]]
+    return rows, notes

@@ -3,7 +3,7 @@ scikit-learn's, figures, a fresh process reproducing the training run's validati
 modality ablation and one-line errors.
 
 A tiny demo run is trained once per pytest run (``trained_run``) and shared with
-test_predict.py.
+test_classify.py.
 """
 
 import json
@@ -41,13 +41,13 @@ def _tiny_config(root):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """Workdir of a tiny demo run trained on 4 fake devices (trained once per pytest run)."""
-    from jaxmm import trainer
+    from jaxmm import loop
 
     root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
     workdir = str(root / "run")
     # Other test modules import this fixture; the summary file marks a finished run to reuse.
     if not os.path.exists(os.path.join(workdir, "train_summary.json")):
-        trainer.train_and_evaluate(_tiny_config(str(root)), workdir)
+        loop.train_and_evaluate(_tiny_config(str(root)), workdir)
     return workdir
 
 
@@ -81,9 +81,9 @@ def _read_csv(path):
 @pytest.fixture(scope="module")
 def test_eval(trained_run):
     """The test split evaluated in this process on 4 devices."""
-    from jaxmm import inference
+    from jaxmm import eval_report
 
-    return inference.evaluate_run(trained_run, "test")
+    return eval_report.evaluate_run(trained_run, "test")
 
 
 def test_counts_are_exact_on_four_devices(test_eval):
@@ -142,9 +142,9 @@ def test_figures_are_png_images(test_eval, name):
 
 
 def test_misclassified_grid_without_errors(tmp_path):
-    from jaxmm import figures
+    from jaxmm import eval_report
 
-    path = figures.misclassified_grid([], str(tmp_path / "none.png"))
+    path = eval_report.misclassified_grid([], str(tmp_path / "none.png"))
     assert os.path.getsize(path) > 0
 
 
@@ -166,29 +166,29 @@ def test_fresh_process_on_one_device_reproduces_training_validation(trained_run)
 
 
 def test_ablation_rows_and_masked_modalities(trained_run):
-    from jaxmm import inference
+    from jaxmm import eval_report
 
-    result = inference.evaluate_run(trained_run, "validation", ablation=True)
+    result = eval_report.evaluate_run(trained_run, "validation", ablation=True)
     rows = result["ablation"]
     assert [r["modalities"] for r in rows] == [["image", "text"], ["image"], ["text"]]
     assert all(r["num_examples"] == TINY["val_size"] for r in rows)
     assert rows[0]["accuracy"] == result["metrics"]["accuracy"]
     assert result["notes"] == []  # trained with modality dropout
     assert os.path.exists(os.path.join(result["out_dir"], "ablation.json"))
-    text_only = inference.evaluate_run(trained_run, "validation", modalities=["text"])
+    text_only = eval_report.evaluate_run(trained_run, "validation", modalities=["text"])
     assert text_only["out_dir"].endswith(os.path.join("eval", "validation-text"))
     assert text_only["metrics"]["accuracy"] == rows[2]["accuracy"]
 
 
 def test_user_errors(trained_run, tmp_path):
-    from jaxmm import inference
+    from jaxmm import eval_report, restore
 
     with pytest.raises(FileNotFoundError, match="no '999' checkpoint"):
-        inference.load_run(trained_run, "999")
+        restore.load_run(trained_run, "999")
     with pytest.raises(ValueError, match="--checkpoint must be"):
-        inference.load_run(trained_run, "newest")
+        restore.load_run(trained_run, "newest")
     with pytest.raises(ValueError, match="not a subset"):
-        inference.evaluate_run(trained_run, "validation", modalities=["audio"])
+        eval_report.evaluate_run(trained_run, "validation", modalities=["audio"])
     proc = _evaluate_cmd(str(tmp_path / "missing"))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
@@ -226,7 +226,7 @@ def test_two_processes_match_one_process(trained_run, test_eval, tmp_path):
 def test_ablation_notes_without_modality_dropout_or_second_tower():
     from types import SimpleNamespace
 
-    from jaxmm import inference
+    from jaxmm import eval_report
 
     metrics = {"num_examples": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
                "weighted_f1": 1.0, "loss": 0.1}
@@ -240,15 +240,15 @@ def test_ablation_notes_without_modality_dropout_or_second_tower():
         def __call__(self, modalities):
             return metrics, None
 
-    rows, notes = inference.run_ablation(Evaluator(("text",), 0.1))
+    rows, notes = eval_report.run_ablation(Evaluator(("text",), 0.1))
     assert rows is None and "not applicable" in notes[0] and "text" in notes[0]
-    rows, notes = inference.run_ablation(Evaluator(("image", "text"), 0.0))
+    rows, notes = eval_report.run_ablation(Evaluator(("image", "text"), 0.0))
     assert len(rows) == 3 and "modality_dropout=0" in notes[0]
 
 
 def test_checkpoint_choices(trained_run):
-    from jaxmm import checkpointing, inference
+    from jaxmm import checkpointing, restore
 
     have = checkpointing.available(trained_run)
-    assert inference.load_run(trained_run, "latest").step == have["latest"]
-    assert inference.load_run(trained_run, str(have["all"][0])).step == have["all"][0]
+    assert restore.load_run(trained_run, "latest").step == have["latest"]
+    assert restore.load_run(trained_run, str(have["all"][0])).step == have["all"][0]

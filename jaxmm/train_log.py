@@ -1,5 +1,6 @@
-"""What a run shows and leaves behind: metrics.jsonl, TensorBoard events, config.json, a
-learning-curve PNG and a progress bar. Everything here is a no-op on processes other than 0."""
+"""What a training run shows and leaves behind: metrics.jsonl, TensorBoard events, the run's
+versions and devices, a learning-curve PNG, a progress bar and the closing summary. Everything
+here is a no-op on processes other than 0."""
 
 import datetime
 import importlib.metadata
@@ -9,6 +10,8 @@ import subprocess
 
 import jax
 import numpy as np
+
+from jaxmm import files, paths
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
              "tensorflow-datasets", "transformers", "numpy")
@@ -49,38 +52,24 @@ def run_info() -> dict:
     }
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Writes JSON atomically (a reader never sees half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def _jsonable(x):
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    return str(x)
-
-
 class MetricWriter:
     """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
 
     def __init__(self, workdir: str):
         self._enabled = is_writer()
-        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._path = paths.in_workdir(workdir, paths.METRICS_FILE)
         self._tb = None
         if self._enabled:
             from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.in_workdir(workdir, paths.TENSORBOARD_DIR))
 
     def write(self, step: int, kind: str, values: dict) -> None:
         """Records scalar ``values`` of ``kind`` ("train" or "val") at ``step``."""
         if not self._enabled:
             return
         row = {"step": int(step), "kind": kind,
-               **{k: _jsonable(v) if not isinstance(v, (int, float)) else v
+               **{k: files.jsonable(v) if not isinstance(v, (int, float)) else v
                   for k, v in values.items()}}
         with open(self._path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -96,7 +85,7 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """Rows of ``metrics.jsonl`` (empty if the file does not exist)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = paths.in_workdir(workdir, paths.METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -125,13 +114,13 @@ def plot_learning_curves(workdir: str, metric: str) -> str | None:
     ax_metric.set(xlabel="step", title="Validation", ylim=(0, 1))
     ax_metric.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, "learning_curves.png")
+    path = paths.in_workdir(workdir, paths.CURVES_FILE)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-class Progress:
+class ProgressBar:
     """A per-epoch tqdm bar with loss and samples/s (process 0 only)."""
 
     def __init__(self, epoch: int, total: int, initial: int):
@@ -164,8 +153,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best epoch {summary['best_epoch']} (step {summary['best_step']}): "
                      f"validation accuracy {best['accuracy']:.4f}, macro-F1 "
                      f"{best['macro_f1']:.4f}, loss {best['loss']:.4f}")
-    lines += [f"  checkpoints  {w}/best (best), {w}/checkpoints (latest)",
-              f"  metrics      {w}/metrics.jsonl, {w}/tensorboard",
-              f"  curves       {w}/learning_curves.png",
+    at = lambda name: paths.in_workdir(w, name)
+    lines += [f"  checkpoints  {at(paths.BEST_DIR)} (best), {at(paths.CHECKPOINTS_DIR)} (latest)",
+              f"  metrics      {at(paths.METRICS_FILE)}, {at(paths.TENSORBOARD_DIR)}",
+              f"  curves       {at(paths.CURVES_FILE)}",
               f"  next         python -m jaxmm.evaluate --workdir {w} --split test"]
     return "\n".join(lines)

@@ -9,45 +9,45 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_evaluate import REPO, _env, _read_csv, trained_run  # noqa: F401 (fixture)
+from tests.test_eval_report import REPO, _env, _read_csv, trained_run  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
 def run(trained_run):  # noqa: F811
-    from jaxmm import inference
+    from jaxmm import restore
 
-    return inference.load_run(trained_run, "best", axis_name=None)
+    return restore.load_run(trained_run, "best")
 
 
 def test_raw_files_get_the_evaluation_probabilities(run):
-    from jaxmm import inference
+    from jaxmm import classify, restore, scoring
 
-    evaluator = inference.SplitEvaluator(
-        inference.load_run(run.workdir, "best"), "test")
+    evaluator = scoring.SplitEvaluator(
+        restore.load_run(run.workdir, "best", axis_name="batch"), "test")
     _, expected = evaluator(collect=True)
     files = [os.path.join(run.config.data_dir,
                           evaluator.source[int(i)]["file_name"].decode("utf-8"))
              for i in expected["index"]]
-    rows, problems = inference.predict_files(inference.Predictor(run, batch_size=8), files)
+    rows, problems = classify.predict_files(classify.Predictor(run, batch_size=8), files)
     assert problems == []
     got = np.array([[r[f"p_{c}"] for c in run.class_names] for r in rows])
     np.testing.assert_allclose(got, expected["probs"], atol=1e-5)
 
 
 def test_text_flag_and_unreadable_files(run, tmp_path):
-    from jaxmm import inference
+    from jaxmm import classify
 
     good = tmp_path / "Plastic_Bottle_3.png"
     shutil.copy(_some_image(run), good)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    files, problems, any_folder = inference.find_images([str(good), str(bad),
+    files, problems, any_folder = classify.find_images([str(good), str(bad),
                                                          str(tmp_path / "gone.png")])
     assert not any_folder and problems == [f"{tmp_path / 'gone.png'}: no such file or directory"]
-    rows, unreadable = inference.predict_files(inference.Predictor(run), files)
+    rows, unreadable = classify.predict_files(classify.Predictor(run), files)
     assert [r["file"] for r in rows] == [str(good)] and rows[0]["text"] == "plastic bottle"
     assert len(unreadable) == 1 and unreadable[0].startswith(str(bad))
-    rows, _ = inference.predict_files(inference.Predictor(run), [str(good)], text="tin can")
+    rows, _ = classify.predict_files(classify.Predictor(run), [str(good)], text="tin can")
     assert rows[0]["text"] == "tin can"
     assert sum(rows[0][f"p_{c}"] for c in run.class_names) == pytest.approx(1.0, abs=1e-5)
 

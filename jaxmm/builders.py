@@ -1,0 +1,169 @@
+"""The pieces a run is built from, as small public functions.
+
+The training loop, evaluation, export and the benchmarks all build their config checks, data,
+tokenizer, model, optimizer, state and class weights with these, so none of them can drift
+from training.
+"""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxmm import losses, models, optim, parallel, paths, prepare, steps
+from jaxmm.data import pipeline
+from jaxmm.data import tokenizer as tokenizer_lib
+
+# Validation metrics that may pick the best checkpoint; lower is better for the losses.
+EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1",
+                          "macro_precision", "macro_recall", "loss", "ce")
+LOWER_IS_BETTER = ("loss", "ce")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks what can be checked before any data is prepared; one-line errors."""
+    if not config.data_dir:
+        raise ValueError("config.data_dir is not set: pass --config.data_dir=/path/to/dataset "
+                         "(the folder holding CVPR_2024_dataset_Train, _Val and _Test)")
+    parallel.local_batch_size(config.batch_size, "batch_size")
+    parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
+    if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
+        raise ValueError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
+                         f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")
+
+
+@dataclasses.dataclass
+class Data:
+    """A prepared dataset: its folder, metadata and one TFDS source per split."""
+
+    dataset_dir: str
+    meta: dict
+    sources: dict
+
+    @property
+    def class_names(self) -> list:
+        return list(self.meta["class_names"])
+
+    @property
+    def num_examples(self) -> dict:
+        return dict(self.meta["num_examples"])
+
+
+def prepared_data(config: ml_collections.ConfigDict) -> Data:
+    """Prepares the configured dataset once (every process may call it) and opens it."""
+    dataset_dir = prepare.ensure_prepared(config)
+    return Data(dataset_dir, pipeline.dataset_meta(dataset_dir),
+                pipeline.load_splits(dataset_dir))
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, dataset_dir: str, workdir: str = ""):
+    """The run's tokenizer: the workdir's copy when the run has one (a resume), else the
+    configured tokenizer or the WordPiece one trained on the dataset's Train texts."""
+    kept = paths.in_workdir(workdir, paths.TOKENIZER_DIR) if workdir else ""
+    if kept and os.path.isdir(kept):
+        return tokenizer_lib.load_tokenizer(kept)
+    return tokenizer_lib.get_tokenizer(config, dataset_dir)
+
+
+def keep_tokenizer(tokenizer, workdir: str) -> None:
+    """Copies the tokenizer into the workdir once, so the run owns the token ids it trained
+    with (a re-prepared dataset may train another)."""
+    kept = paths.in_workdir(workdir, paths.TOKENIZER_DIR)
+    if not os.path.isdir(kept):
+        tmp = f"{kept}.tmp{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, kept)
+
+
+def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> dict:
+    """How a raw image and its text become model input, as recorded in the run record.
+
+    Raw files get what prepare did to the training records (resize to the stored size,
+    re-encode), then the evaluation centre crop of ``image_size``.
+    """
+    options = meta["options"]
+    return {"stored_image_size": options.get("stored_image_size", options.get("image_size")),
+            "image_format": options.get("image_format", "jpeg"),
+            "text_source": options.get("text_source", config.text_source),
+            "image_size": config.image_size, "max_text_length": config.max_text_length}
+
+
+def make_model(config: ml_collections.ConfigDict, num_classes: int, vocab_size: int,
+               axis_name: str | None = parallel.AXIS_NAME):
+    """The fusion classifier of ``config.model`` (BatchNorm synchronised over ``axis_name``)."""
+    return models.build_model(config.model, num_classes, vocab_size, axis_name=axis_name)
+
+
+def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over ``num_train`` examples."""
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
+                         f"training examples")
+    return steps_per_epoch, steps_per_epoch * config.num_epochs
+
+
+def abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
+    """Shapes and dtypes of the model's variables, computed without initialising anything."""
+    return jax.eval_shape(lambda r: models.init_variables(
+        model, r, config.image_size, config.max_text_length), jax.random.PRNGKey(0))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, model, steps_per_epoch: int,
+                   total_steps: int):
+    """The run's optimizer (per-tower rates, frozen towers) for ``model``'s parameters."""
+    labels = models.param_labels(abstract_variables(config, model)["params"])
+    return optim.make_optimizer(config, labels, total_steps, steps_per_epoch)
+
+
+def init_variables(config: ml_collections.ConfigDict, model, log=print) -> dict:
+    """Fresh variables on the host: random init from the seed, then the pretrained towers.
+
+    Returns:
+      {"params", "batch_stats"} as NumPy arrays (one copy from the device, where the random
+      init ran, so the pretrained weights can be grafted in on the host).
+    """
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    variables = jax.device_get(models.init_variables(model, key, config.image_size,
+                                                     config.max_text_length))
+    return models.pretrained.load_pretrained(variables, config.model, log=log)
+
+
+def replicated_state(model, tx, variables: dict, step: int = 0,
+                     opt_state=None) -> steps.TrainState:
+    """A train state on every local device from host variables.
+
+    The optimizer state is the saved one when given, else ``tx.init`` run on the devices
+    (no host round trip).
+    """
+    params = parallel.replicate(variables["params"])
+    opt_state = (parallel.replicate(opt_state) if opt_state is not None
+                 else parallel.pmap_init(tx.init)(params))
+    return steps.TrainState(step=parallel.replicate(np.asarray(step, np.int32)), params=params,
+                            batch_stats=parallel.replicate(variables["batch_stats"]),
+                            opt_state=opt_state, apply_fn=model.apply, tx=tx)
+
+
+def host_state_template(config: ml_collections.ConfigDict, model, tx) -> dict:
+    """Zero host arrays shaped like a saved train state (the restore target); no compute."""
+    abstract = abstract_variables(config, model)
+    tree = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract["params"],
+            "batch_stats": abstract["batch_stats"],
+            "opt_state": jax.eval_shape(tx.init, abstract["params"])}
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+
+
+def class_weights(config: ml_collections.ConfigDict, class_names: list,
+                  train_counts) -> np.ndarray:
+    """Per-class loss weights from ``config.class_weights`` and the Train counts."""
+    return losses.resolve_class_weights(config.class_weights, class_names, train_counts)
+
+
+def train_step_fn(config: ml_collections.ConfigDict, class_weights: np.ndarray):
+    """The pmapped train step with the run's constants bound."""
+    return parallel.pmap_train_step(functools.partial(
+        steps.train_step, class_weights=class_weights,
+        label_smoothing=config.optim.label_smoothing))

@@ -1,0 +1,300 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, its cadence and its hooks.
+
+Per step: one pmapped train step; metrics stay on the devices until a log step. Per epoch: an
+exact validation pass, best-model tracking and early stopping. Checkpoints every
+``checkpoint_every_steps``, at every epoch end and when SIGTERM/SIGUSR1 arrives; a workdir that
+holds a checkpoint resumes from it (data position included), so a killed run loses at most the
+steps since the last save and repeats them exactly.
+"""
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxmm import builders, checkpointing, files, optim, parallel, paths, scoring, steps, train_log
+from jaxmm.data import pipeline
+from jaxmm.run_state import RunProgress, Status
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+# Config keys that must not change when a run resumes (the data order and step count hang on
+# them); a change is reported, since the user may mean it (e.g. more epochs).
+_RESUME_SENSITIVE = ("seed", "batch_size", "num_epochs", "data_dir", "text_source", "image_size",
+                     "max_text_length", "num_workers")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGUSR1 (Slurm's warning signal) into a flag the loop polls."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self, step: int, every: int) -> bool:
+        """Whether to stop now; processes agree on it every ``every`` steps."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if step % max(every, 1):
+            return False
+        return parallel.any_process(self.received is not None)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run is built from, before any state is restored or initialised."""
+
+    data: builders.Data
+    tokenizer: object
+    model: object
+    tx: object
+    class_weights: np.ndarray
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Checks the config, prepares the data (once), loads the tokenizer, builds the model and
+    optimizer (no variables yet: a resume never initialises them)."""
+    builders.validate_config(config)
+    data = builders.prepared_data(config)
+    tokenizer = builders.load_tokenizer(config, data.dataset_dir, workdir)
+    steps_per_epoch, total_steps = builders.schedule_lengths(config, data.num_examples["train"])
+    model = builders.make_model(config, len(data.class_names), len(tokenizer))
+    tx = builders.make_optimizer(config, model, steps_per_epoch, total_steps)
+    weights = builders.class_weights(config, data.class_names, data.meta["counts"]["train"])
+    return Setup(data, tokenizer, model, tx, weights, steps_per_epoch, total_steps)
+
+
+def _warn_config_changes(saved: dict, config) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in _RESUME_SENSITIVE
+               if k in saved and saved.get(k) != config.get(k)]
+    if changed:
+        logging.warning("resuming with a changed config (%s); the run will not repeat an "
+                        "uninterrupted one exactly", "; ".join(changed))
+
+
+def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.TrainState,
+                                                                     RunProgress]:
+    """The newest checkpoint (data position included), else a fresh state with the pretrained
+    towers. Either way the state reaches the devices in one host-to-device copy."""
+    if ckpts.latest_step() is None:
+        variables = builders.init_variables(config, setup.model, log=logging.info)
+        return (builders.replicated_state(setup.model, setup.tx, variables),
+                RunProgress(config=config.to_dict()))
+    template = builders.host_state_template(config, setup.model, setup.tx)
+    host, saved = ckpts.restore(template, train_iter)
+    progress = RunProgress.from_json(saved)
+    if progress.status == Status.PREEMPTED:  # Saved on a stop signal: carry on training.
+        progress.status = Status.RUNNING
+    step = int(host["step"])
+    logging.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
+    _warn_config_changes(progress.config, config)
+    progress.config = config.to_dict()
+    state = builders.replicated_state(setup.model, setup.tx, host, step, host["opt_state"])
+    return state, progress
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float))}
+
+
+class _Run:
+    """The mutable pieces of one training run, so the loop reads top to bottom.
+
+    The run's position is the train state's step; ``step`` mirrors it on the host (read once
+    from the restored state, then advanced with every train step) so the loop never waits on
+    the device to know where it is.
+    """
+
+    def __init__(self, config, workdir, setup: Setup):
+        self.config, self.workdir, self.setup = config, workdir, setup
+        self.ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+        self.writer = train_log.MetricWriter(workdir)
+        self.train_iter = pipeline.make_train_iter(
+            config, setup.data.sources["train"], setup.tokenizer,
+            local_batch_size=parallel.local_batch_size(config.batch_size),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_epochs=config.num_epochs)
+        self.state, self.progress = _initial_state(config, setup, self.ckpts, self.train_iter)
+        self.step = int(parallel.first(self.state.step))
+        self.root_key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
+        self.train_fn = builders.train_step_fn(config, setup.class_weights)
+        self.eval_fn = scoring.make_eval_fn(setup.model.apply, setup.class_weights,
+                                            len(setup.data.class_names))
+        self.iter_state = None
+        self.window, self.bad = None, jnp.zeros(())
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed (the loop validates and saves at every epoch end)."""
+        return self.step // self.setup.steps_per_epoch
+
+    # -- per step ---------------------------------------------------------------------------
+    def add_metrics(self, m):
+        m = parallel.first(m)
+        self.bad = self.bad + (~jnp.isfinite(m["weighted_ce"]) | ~jnp.isfinite(m["grad_norm"]))
+        self.window = m if self.window is None else jax.tree.map(jnp.add, self.window, m)
+        self.window_steps += 1
+
+    def check_finite(self):
+        if float(self.bad) > 0:
+            last = self.ckpts.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient before step {self.step}; stopping. The last good "
+                f"checkpoint (step {last}) is kept in {self.workdir}. Lower the learning rates "
+                f"or check the data.")
+
+    def log_train(self, bar):
+        self.check_finite()
+        w = jax.device_get(self.window)
+        elapsed = time.perf_counter() - self.window_start
+        values = {"loss": float(w["weighted_ce"] / w["weight"]),
+                  "ce": float(w["ce"] / w["count"]),
+                  "accuracy": float(w["correct"] / w["count"]),
+                  "grad_norm": float(w["grad_norm"] / self.window_steps),
+                  "samples_per_s": self.window_steps * self.config.batch_size / elapsed,
+                  "epoch": self.step / self.setup.steps_per_epoch,
+                  **optim.learning_rates(self.config, self.step, self.setup.total_steps,
+                                         self.setup.steps_per_epoch)}
+        self.writer.write(self.step, "train", values)
+        bar.update(0, loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.0f}")
+        self.window, self.window_steps, self.window_start = None, 0, time.perf_counter()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self):
+        """Saves the train state and data position. Orbax copies the device arrays to the host
+        itself (asynchronously), so nothing is fetched here."""
+        self.check_finite()
+        s = self.state
+        self.ckpts.save(self.step, parallel.replicated_view(
+            {"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
+             "opt_state": s.opt_state}), self.iter_state, self.progress.to_json())
+
+    def evaluate_epoch(self) -> bool:
+        """Validation after an epoch; updates the best model, patience and the history.
+
+        Returns:
+          Whether patience ran out (early stopping).
+        """
+        c, p = self.config, self.progress
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        batches = pipeline.make_eval_iter(
+            c, self.setup.data.sources["validation"], self.setup.tokenizer,
+            local_batch_size=parallel.local_batch_size(c.eval_batch_size, "eval_batch_size"),
+            process_index=jax.process_index(), process_count=jax.process_count())
+        val, _ = scoring.evaluate_split(self.eval_fn, variables, batches,
+                                        self.setup.data.class_names)
+        metric = c.early_stopping_metric
+        improved = p.record_validation(self.epoch, self.step, val[metric],
+                                       metric in builders.LOWER_IS_BETTER, _scalars(val))
+        if improved:
+            self.ckpts.save_best(self.step, parallel.replicated_view(variables), p.to_json())
+        self.writer.write(self.step, "val", {**_scalars(val), "epoch": self.epoch})
+        logging.info("epoch %d: val loss %.4f accuracy %.4f macro-F1 %.4f%s", self.epoch,
+                     val["loss"], val["accuracy"], val["macro_f1"], " (best)" if improved else "")
+        return c.patience > 0 and p.bad_epochs >= c.patience
+
+
+def _write_run_record(config, workdir: str, setup: Setup) -> None:
+    """config.json (what inference rebuilds the run from) and the run's own tokenizer."""
+    data = setup.data
+    files.write_json(paths.in_workdir(workdir, paths.CONFIG_FILE), {
+        "config": config.to_dict(), "run": train_log.run_info(), "class_names": data.class_names,
+        "class_weights": setup.class_weights.tolist(), "num_examples": data.num_examples,
+        "steps_per_epoch": setup.steps_per_epoch,
+        "preprocessing": builders.preprocessing(config, data.meta)})
+    builders.keep_tokenizer(setup.tokenizer, workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes training) and validates every epoch.
+
+    Args:
+      config: the run's config (see configs/default.py).
+      workdir: where checkpoints, metrics and reports go; resumed from when it has a checkpoint.
+
+    Returns:
+      The run summary (also written to ``paths.SUMMARY_FILE`` in the workdir); its ``status`` is
+      "finished", "early_stopped" or "preempted" (the caller exits with EXIT_PREEMPTED).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    signals = StopSignals()
+    run = _Run(config, workdir, build(config, workdir))
+    setup, spe, p = run.setup, run.setup.steps_per_epoch, run.progress
+    if train_log.is_writer():
+        _write_run_record(config, workdir, setup)
+    batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
+    compile_s = None
+    while p.status == Status.RUNNING and run.step < setup.total_steps:
+        bar = train_log.ProgressBar(run.epoch, spe, run.step % spe)
+        while True:
+            device_batch, run.iter_state = next(batches)
+            t0 = time.perf_counter()
+            run.state, m = run.train_fn(run.state, device_batch, run.root_key)
+            run.step += 1
+            run.add_metrics(m)
+            if compile_s is None:
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - t0
+                logging.info("first step (compile + run): %.1f s", compile_s)
+            bar.update(1)
+            if run.step % config.log_every_steps == 0 or run.step % spe == 0:
+                run.log_train(bar)
+            if signals.should_stop(run.step, config.signal_check_every_steps):
+                p.status = Status.PREEMPTED
+                break
+            if run.step % spe == 0:
+                break
+            if run.step % config.checkpoint_every_steps == 0:
+                run.save()
+        bar.close()
+        if p.status == Status.PREEMPTED:
+            logging.warning("%s received: saving step %d and exiting", signals.received, run.step)
+            run.save()
+            break
+        if run.evaluate_epoch():
+            p.status = Status.EARLY_STOPPED
+        elif run.step >= setup.total_steps:
+            p.status = Status.FINISHED
+        run.save()
+    run.ckpts.wait()
+    run.train_iter.close()  # Stops grain workers and frees their shared memory.
+    summary = _summary(run, compile_s)
+    run.ckpts.close()
+    run.writer.close()
+    return summary
+
+
+def _summary(run: _Run, compile_s) -> dict:
+    p = run.progress
+    # A checksum of the final weights (tests compare runs by it), summed on the device.
+    params = parallel.first(run.state.params)
+    checksum = float(sum(jnp.abs(x.astype(jnp.float32)).sum() for x in jax.tree.leaves(params)))
+    summary = {"status": p.status.value, "step": run.step, "epochs_completed": run.epoch,
+               "best_epoch": p.best_epoch, "best_step": p.best_step,
+               "best_validation": p.best_validation(),
+               "early_stopping_metric": run.config.early_stopping_metric,
+               "params_abs_sum": checksum, "compile_seconds": compile_s,
+               "workdir": os.path.abspath(run.workdir)}
+    if train_log.is_writer():
+        summary["learning_curves"] = train_log.plot_learning_curves(
+            run.workdir, run.config.early_stopping_metric)
+        files.write_json(paths.in_workdir(run.workdir, paths.SUMMARY_FILE), summary)
+    return summary
