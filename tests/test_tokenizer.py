@@ -43,3 +43,34 @@ def test_offline_uncached_hub_id_is_one_clear_line():
         tokenizer_lib.get_tokenizer(config, "")
     msg = str(err.value)
     assert "\n" not in msg and "download_weights" in msg and "config.tokenizer" in msg
+
+
+def test_vocabulary_order_is_a_pure_function_of_texts_and_size():
+    texts = ["Plastic bottle", "plastic SPOON", "banana peel", "bottle", "zz"]
+    vocab = tokenizer_lib.build_vocab(texts, 1000)
+    chars = ["t", "a", "l", "e", "o", "p", "b", "n", "s", "c", "i", "z"]  # by count, then a-z
+    words = ["bottle", "plastic", "banana", "peel", "spoon", "zz"]  # by count, then a-z
+    assert vocab == [*tokenizer_lib.SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars), *words]
+    assert tokenizer_lib.build_vocab(list(reversed(texts)), 20) == vocab[:20]
+
+
+_BUILD = """
+import sys
+from jaxmm.data import captions, synthetic, tokenizer
+texts = [captions.text_from_filename(p[2]) + " " + p[3] for p in synthetic._plan(60, 0, 64)]
+tokenizer.train_wordpiece(texts, 300, sys.argv[1])
+"""
+
+
+def test_two_processes_write_byte_identical_tokenizers(tmp_path):
+    import subprocess
+    import sys
+
+    for name, seed in (("a", "1"), ("b", "2")):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / name)], check=True,
+                       env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and "tokenizer.json" in names
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
