@@ -6,12 +6,16 @@ writes DIR/resnet50 (HF-format ResNet weights + config.json) and DIR/distilbert 
 weights, config.json and tokenizer files). Then set config.model.image_pretrained=DIR/resnet50,
 config.model.text_pretrained=DIR/distilbert and config.tokenizer=DIR/distilbert. A
 torchvision-format checkpoint such as timm/resnet50.tv_in1k can be fetched with --image_model.
+Without network access it says so in one line and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+from jaxmm.errors import HubUnreachableError, PretrainedFormatError, UserError
 
 # One weight file is enough; safetensors first because it loads without torch or TF.
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack")
@@ -23,21 +27,45 @@ def select_files(repo_files: list[str]) -> list[str]:
     """Picks the files to fetch from a hub repository listing.
 
     Raises:
-      ValueError: when the repository has no loadable single-file weights.
+      PretrainedFormatError: when the repository has no loadable single-file weights.
     """
     weights = [name for name in WEIGHT_FILES if name in repo_files]
     if not weights:
-        raise ValueError(f"no {' or '.join(WEIGHT_FILES)} in the repository (found "
+        raise PretrainedFormatError(f"no {' or '.join(WEIGHT_FILES)} in the repository (found "
                          f"{sorted(repo_files)[:10]})")
     return [weights[0], *(name for name in SIDE_FILES if name in repo_files)]
 
 
-def fetch(repo_id: str, out_dir: str, revision: str | None = None) -> list[str]:
-    """Downloads the selected files of ``repo_id`` into ``out_dir``; returns their names."""
-    from huggingface_hub import HfApi, snapshot_download
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the hub cannot be reached" (offline mode included)."""
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    files = select_files(HfApi().list_repo_files(repo_id, revision=revision))
-    snapshot_download(repo_id, revision=revision, local_dir=out_dir, allow_patterns=files)
+    return (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout, LocalEntryNotFoundError)
+
+
+def fetch(repo_id: str, out_dir: str, revision: str | None = None) -> list[str]:
+    """Downloads the selected files of ``repo_id`` into ``out_dir``; returns their names.
+
+    Raises:
+      HubUnreachableError: no network (or HF_HUB_OFFLINE=1); says where to run this instead.
+      PretrainedFormatError: the repository has no single-file safetensors/msgpack weights.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = select_files(HfApi().list_repo_files(repo_id, revision=revision))
+        snapshot_download(repo_id, revision=revision, local_dir=out_dir, allow_patterns=files)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise PretrainedFormatError(f"hub repository {repo_id!r} (revision {revision}): "
+                                    f"{type(e).__name__}") from None
+    except _network_errors() as e:
+        raise HubUnreachableError(
+            f"cannot reach the Hugging Face hub for {repo_id!r} ({type(e).__name__}); run "
+            "`python -m jaxmm.download_weights --out DIR` on a machine with internet access "
+            "(e.g. a login node) and copy DIR here") from None
     return files
 
 
@@ -53,9 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Fetches both towers, checks that they load, and prints the config lines to use."""
+def main(argv: list[str] | None = None) -> int:
+    """Fetches both towers and the tokenizer; user errors print one line and return 1."""
     args = parse_args(argv)
+    try:
+        _download(args)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _download(args: argparse.Namespace) -> None:
+    """Fetches both towers, checks that they load, and prints the config lines to use."""
     from jaxmm.models import pretrained
 
     image_dir = os.path.join(args.out, "resnet50")
@@ -74,4 +112,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

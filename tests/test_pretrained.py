@@ -225,3 +225,53 @@ def test_safetensors_reader_detects_layout(hf_resnet_dir, tmp_path):
     with pytest.raises(ValueError, match="neither an HF-format nor a torchvision"):
         pretrained.read_image_state(str(tmp_path / "y.safetensors"))
     assert load_file(str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "weights.pt", "model.pth", "last.ckpt"])
+def test_pickle_checkpoints_are_refused_before_opening(tiny_variables, tmp_path, monkeypatch,
+                                                       name):
+    FlaxDistilBertModel(_tiny_distilbert(), seed=0).save_pretrained(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04not really a pickle")
+    opened = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        opened.append(os.fspath(file) if not isinstance(file, int) else file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    import torch
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    calls = [
+        lambda: pretrained.load_pretrained(tiny_variables[1], model_config(
+            text_pretrained=str(path)), log=lambda _: None),
+        lambda: pretrained.load_pretrained(tiny_variables[1], model_config(
+            image_pretrained=str(path)), log=lambda _: None),
+        lambda: models.build_model(model_config(text_arch="distilbert",
+                                                text_pretrained=str(path)), CLASSES, VOCAB, None),
+    ]
+    for call in calls:
+        with pytest.raises(pretrained.PretrainedFormatError, match="pickle") as err:
+            call()
+        assert name in str(err.value) and "\n" not in str(err.value)
+    assert str(path) not in opened
+
+
+def test_download_weights_without_network_is_one_line(tmp_path, capsys, monkeypatch):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # huggingface_hub: OfflineModeIsEnabled
+    assert download_weights.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the Hugging Face hub" in err
+    assert "internet" in err and "login node" in err
+    import huggingface_hub
+    import requests
+
+    def no_route(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Max retries exceeded (NameResolutionError)")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_route)
+    assert download_weights.main(["--out", str(tmp_path)]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

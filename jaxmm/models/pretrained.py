@@ -4,7 +4,9 @@ Sources (config.model.image_pretrained / text_pretrained) are local paths or hub
 resolve from the local Hugging Face cache; nothing is ever downloaded here (see
 ``python -m jaxmm.download_weights``). Every pretrained tensor must be used and match its
 parameter's shape, and every tower parameter must be covered; only the checkpoint's task head
-(ImageNet classifier, masked-LM head ...) is discarded, and that is logged.
+(ImageNet classifier, masked-LM head ...) is discarded, and that is logged. Only safetensors and
+Flax msgpack weights are read: a pickle-based checkpoint (``.bin``, ``.pt``, ``.pth``, ``.ckpt``,
+...) can run code when it is loaded, so such a path is refused before it is opened.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import numpy as np
 from flax import serialization, traverse_util
 from safetensors.numpy import load_file
 
+from jaxmm.errors import PretrainedFormatError, PretrainedNotFoundError
 from jaxmm.models import resnet
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFE_WEIGHTS = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".msgpack")  # the only weight files ever opened
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".joblib")
 TEXT_TASK_HEADS = ("vocab_transform", "vocab_layer_norm", "vocab_projector", "pre_classifier",
                    "classifier", "qa_outputs")
 DOWNLOAD_HINT = (
@@ -32,16 +37,31 @@ DOWNLOAD_HINT = (
 )
 
 
-class PretrainedNotFoundError(FileNotFoundError):
-    """A pretrained source is neither a local path nor a cached hub id."""
+def check_weights_path(source: str, tower: str) -> None:
+    """Refuses a weights file that is not safetensors or msgpack, without opening it.
+
+    Raises:
+      PretrainedFormatError: naming the path and what to use instead.
+    """
+    suffix = os.path.splitext(source.rstrip("/"))[1].lower()
+    pickled = suffix in PICKLE_SUFFIXES
+    if pickled or (os.path.isfile(source) and suffix not in WEIGHT_SUFFIXES):
+        what = ("a pickle-based checkpoint, which can run code when loaded" if pickled
+                else "not a .safetensors or .msgpack file")
+        raise PretrainedFormatError(
+            f"{tower} weights {source!r}: {what}; it is refused. Use a folder with "
+            f"{SAFE_WEIGHTS} or {FLAX_WEIGHTS}, or a .safetensors file (re-save the model "
+            "with save_pretrained(..., safe_serialization=True) on a trusted machine)")
 
 
 def resolve_pretrained(source: str, tower: str) -> str:
     """Returns a local file or directory for ``source`` (a path, or a hub id in the cache).
 
     Raises:
+      PretrainedFormatError: a pickle or other non-safetensors/msgpack weights file.
       PretrainedNotFoundError: with instructions for pre-downloading the weights.
     """
+    check_weights_path(source, tower)
     if os.path.exists(source):
         return source
     from huggingface_hub import snapshot_download
@@ -57,12 +77,14 @@ def resolve_pretrained(source: str, tower: str) -> str:
 
 def _weights_file(path: str) -> str:
     if os.path.isfile(path):
+        check_weights_path(path, "the")
         return path
     for name in (FLAX_WEIGHTS, SAFE_WEIGHTS):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise ValueError(f"{path!r} holds neither {FLAX_WEIGHTS} nor {SAFE_WEIGHTS} (sharded and "
-                     "pytorch_model.bin checkpoints are not supported: re-save as safetensors)")
+    raise PretrainedFormatError(
+        f"{path!r} holds neither {FLAX_WEIGHTS} nor {SAFE_WEIGHTS} (sharded and "
+        "pytorch_model.bin checkpoints are not supported: re-save as safetensors)")
 
 
 def read_image_state(source: str) -> dict[str, np.ndarray]:
