@@ -24,8 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxmm import prepare  # noqa: E402
-from jaxmm.data import builder, captions, pipeline, synthetic  # noqa: E402
+from jaxmm.data import builder, captions, pipeline, prepared, synthetic  # noqa: E402
 from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -96,8 +95,8 @@ def main() -> None:
     data_dir = args.data_dir or synthetic.generate(os.path.join(work, "raw"), args.per_class,
                                                    seed=0, max_side=1024)
     start = time.perf_counter()
-    ds_dir, _ = prepare.prepare(data_dir, os.path.join(work, "prepared"), workers=args.workers,
-                                log=lambda s: None)
+    ds_dir, _ = prepared.prepare(data_dir, os.path.join(work, "prepared"), workers=args.workers,
+                                 log=lambda s: None)
     prep_s = time.perf_counter() - start
     from ml_collections import ConfigDict
 

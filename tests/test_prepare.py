@@ -13,9 +13,10 @@ import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 from PIL import Image
 
-from jaxmm import prepare
-from jaxmm.data import synthetic
-from jaxmm.data.builder import PrepareError
+from jaxmm import paths
+from jaxmm import prepare as prepare_cli
+from jaxmm.data import prepared, synthetic
+from jaxmm.errors import PrepareError
 
 
 @functools.cache
@@ -30,7 +31,7 @@ def demo_dataset() -> tuple[str, str]:
     if not os.path.isdir(raw):
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         synthetic.generate(raw, per_class=12, seed=0, max_side=96, workers=1)
-    ds_dir, _ = prepare.prepare(raw, os.path.join(root, "out"), image_size=48, workers=1,
+    ds_dir, _ = prepared.prepare(raw, os.path.join(root, "out"), stored_image_size=48, workers=1,
                                 log=lambda s: None)
     return raw, ds_dir
 
@@ -43,7 +44,7 @@ def _records(ds_dir, split):
 def test_report_counts_match_files_on_disk():
     raw, ds_dir = demo_dataset()
     report = json.load(open(os.path.join(os.path.dirname(os.path.dirname(ds_dir)),
-                                         prepare.REPORT_FILE)))
+                                         paths.REPORT_FILE)))
     for split, folder in (("train", "Train"), ("validation", "Val"), ("test", "Test")):
         for cls in report["class_names"]:
             on_disk = len(os.listdir(os.path.join(raw, f"CVPR_2024_dataset_{folder}", cls)))
@@ -103,9 +104,9 @@ def test_bad_input_skipped_and_converted(raw_small, tmp_path):
     raw = str(tmp_path / "raw")
     shutil.copytree(raw_small, raw)
     bad = _bad_inputs(os.path.join(raw, "CVPR_2024_dataset_Train", "Black"))
-    ds_dir, _ = prepare.prepare(raw, str(tmp_path / "out"), image_size=32, workers=2,
+    ds_dir, _ = prepared.prepare(raw, str(tmp_path / "out"), stored_image_size=32, workers=2,
                                 log=lambda s: None)
-    report = json.load(open(tmp_path / "out" / prepare.REPORT_FILE))
+    report = json.load(open(tmp_path / "out" / paths.REPORT_FILE))
     skipped = {os.path.basename(s["file"]): s["reason"] for s in report["skipped"]}
     assert set(skipped) == bad, skipped
     assert "Bomb" in skipped["bomb_1.png"] and "0 bytes" in skipped["empty_1.png"]
@@ -124,16 +125,16 @@ def test_idempotent_and_rebuild(raw_small, tmp_path):
     raw = str(tmp_path / "raw")
     shutil.copytree(raw_small, raw)
     out = str(tmp_path / "out")
-    kw = dict(image_size=32, workers=1, log=lambda s: None)
-    assert prepare.prepare(raw, out, **kw)[1]
-    assert not prepare.prepare(raw, out, **kw)[1]
+    kw = dict(stored_image_size=32, workers=1, log=lambda s: None)
+    assert prepared.prepare(raw, out, **kw)[1]
+    assert not prepared.prepare(raw, out, **kw)[1]
     Image.new("RGB", (50, 40), (1, 2, 3)).save(
         os.path.join(raw, "CVPR_2024_dataset_Val", "Blue", "new_1.png"))
-    assert prepare.prepare(raw, out, **kw)[1]
-    assert not prepare.prepare(raw, out, **kw)[1]
-    ds_dir, built = prepare.prepare(raw, out, text_source="caption", **kw)
+    assert prepared.prepare(raw, out, **kw)[1]
+    assert not prepared.prepare(raw, out, **kw)[1]
+    ds_dir, built = prepared.prepare(raw, out, text_source="caption", **kw)
     assert built
-    report = json.load(open(os.path.join(out, prepare.REPORT_FILE)))
+    report = json.load(open(os.path.join(out, paths.REPORT_FILE)))
     t = report["text_sources"]
     assert t["train"]["csv"] > 0 and t["train"]["csv"] + t["train"]["fallback"] == \
         report["num_examples"]["train"]
@@ -146,18 +147,18 @@ def test_user_errors(raw_small, tmp_path, capsys):
     shutil.copytree(raw_small, raw)
     shutil.rmtree(raw / "CVPR_2024_dataset_Test")
     with pytest.raises(PrepareError, match="CVPR_2024_dataset_Test"):
-        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
-    code = prepare.main(["--data_dir", str(raw), "--out_dir", str(tmp_path / "o")])
+        prepared.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+    code = prepare_cli.main(["--data_dir", str(raw), "--out_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "CVPR_2024_dataset_Test" in err
     (raw / "CVPR_2024_dataset_Test").mkdir()
     with pytest.raises(PrepareError, match="holds no images"):
-        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+        prepared.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
     (raw / "CVPR_2024_dataset_Test" / "Purple").mkdir()
     with pytest.raises(PrepareError, match="Purple"):
-        prepare.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
+        prepared.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
     with pytest.raises(PrepareError, match="does not exist"):
-        prepare.prepare(str(tmp_path / "nope"), str(tmp_path / "o"), log=lambda s: None)
+        prepared.prepare(str(tmp_path / "nope"), str(tmp_path / "o"), log=lambda s: None)
 
 
 def _config(data_dir, out_dir):
@@ -169,25 +170,119 @@ def _config(data_dir, out_dir):
 
 def test_ensure_prepared_demo_and_waiting(tmp_path, monkeypatch):
     config = _config(str(tmp_path / "data"), str(tmp_path / "out"))
-    ds_dir = prepare.ensure_prepared(config)
+    ds_dir = prepared.ensure_prepared(config)
     assert os.path.isfile(os.path.join(ds_dir, "tokenizer", "tokenizer.json"))
-    assert os.path.isfile(tmp_path / "out" / prepare.DONE_MARKER)
+    assert os.path.isfile(tmp_path / "out" / paths.DONE_MARKER)
     import jax
 
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    assert prepare.ensure_prepared(config, timeout_s=5, poll_s=0.1) == ds_dir
-    os.remove(tmp_path / "out" / prepare.DONE_MARKER)
+    assert prepared.ensure_prepared(config, timeout_s=5, poll_s=0.1) == ds_dir
+    os.remove(tmp_path / "out" / paths.DONE_MARKER)
     with pytest.raises(PrepareError, match="completion marker"):
-        prepare.ensure_prepared(config, timeout_s=0.3, poll_s=0.1)
+        prepared.ensure_prepared(config, timeout_s=0.3, poll_s=0.1)
 
 
 def test_class_names_from_config(raw_small, tmp_path):
     order = ("TTR", "Green", "Blue", "Black")
-    ds_dir, _ = prepare.prepare(raw_small, str(tmp_path / "o"), image_size=32, workers=1,
+    ds_dir, _ = prepared.prepare(raw_small, str(tmp_path / "o"), stored_image_size=32, workers=1,
                                 class_names=order, log=lambda s: None)
     assert tfds.builder_from_directory(ds_dir).info.features["label"].names == list(order)
     recs = _records(ds_dir, "train")
     assert all(order[int(r["label"])] == name.split("/")[1] for name, r in recs.items())
     with pytest.raises(PrepareError, match="TTR"):
-        prepare.prepare(raw_small, str(tmp_path / "o2"), class_names=order[1:],
+        prepared.prepare(raw_small, str(tmp_path / "o2"), class_names=order[1:],
                         log=lambda s: None)
+
+
+def test_failed_rebuild_keeps_previous_dataset(raw_small, tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    shutil.copytree(raw_small, raw)
+    kw = dict(stored_image_size=32, workers=1, log=lambda s: None)
+    ds_dir, _ = prepared.prepare(raw, out, **kw)
+    before = len(tfds.builder_from_directory(ds_dir).as_data_source("test"))
+    test_dir = os.path.join(raw, "CVPR_2024_dataset_Test")
+    for root, _, names in os.walk(test_dir):
+        for name in names:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"not an image")
+    with pytest.raises(PrepareError, match="no image of split folder .*CVPR_2024_dataset_Test"):
+        prepared.prepare(raw, out, **kw)
+    assert len(tfds.builder_from_directory(ds_dir).as_data_source("test")) == before
+    assert os.path.isfile(os.path.join(out, paths.FINGERPRINT_FILE))
+    assert not [n for n in os.listdir(out) if n.startswith(prepared.TMP_PREFIX)]
+
+
+def test_bad_options_and_out_dir_are_one_line(raw_small, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    with pytest.raises(PrepareError, match="stored_image_size"):
+        prepared.prepare(raw_small, out, stored_image_size=0, log=lambda s: None)
+    with pytest.raises(PrepareError, match="workers"):
+        prepared.prepare(raw_small, out, workers=-1, log=lambda s: None)
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for args in (["--stored_image_size", "0", "--out_dir", out],
+                 ["--stored_image_size", "32", "--out_dir", str(afile)],
+                 ["--stored_image_size", "32", "--out_dir", str(afile / "sub")]):
+        code = prepare_cli.main(["--data_dir", raw_small, "--workers", "1", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "a_file" in err and afile.read_text() == "x"
+
+
+def test_links_loops_unreadable_and_undecodable_names(raw_small, tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_small, raw)
+    train = raw / "CVPR_2024_dataset_Train"
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    for k in range(2):
+        Image.new("RGB", (40, 30), (k, 90, 9)).save(extra / f"linked item_{k}.png")
+    os.symlink(extra, train / "Black" / "more")  # a linked sub-folder is followed
+    os.symlink(train / "Blue", train / "Blue" / "loop")  # a loop ends
+    os.symlink("self_1.png", train / "Green" / "self_1.png")  # a link to itself
+    shutil.copy(train / "Black" / "ok_1.png", os.fsencode(train / "TTR") + b"/bad\xff_1.png")
+    locked = raw / "CVPR_2024_dataset_Val" / "Blue" / "locked"
+    locked.mkdir()
+    shutil.copy(train / "Black" / "ok_1.png", locked / "hidden_1.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if path == str(locked):  # as root, chmod cannot make a folder unreadable
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    logs = []
+    prepared.prepare(str(raw), str(tmp_path / "out"), stored_image_size=32, workers=1,
+                     log=logs.append)
+    report = json.load(open(tmp_path / "out" / paths.REPORT_FILE, encoding="utf-8"))
+    skipped = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert "already scanned" in skipped["CVPR_2024_dataset_Train/Blue/loop"]
+    assert "symbolic links" in skipped["CVPR_2024_dataset_Train/Green/self_1.png"]
+    assert "UTF-8" in skipped["CVPR_2024_dataset_Train/TTR/bad\\xff_1.png"]
+    assert "not counted" in skipped["CVPR_2024_dataset_Val/Blue/locked"]
+    assert any("locked" in line and "WARNING" in line for line in logs)
+    on_disk = len(os.listdir(raw_small + "/CVPR_2024_dataset_Train/Black"))
+    assert report["counts"]["train"]["Black"] == on_disk + 2
+    recs = _records(prepared.dataset_path(str(tmp_path / "out")), "train")
+    assert recs["CVPR_2024_dataset_Train/Black/more/linked item_1.png"]["text"] == b"linked item"
+
+
+def test_demo_data_only_into_a_new_or_empty_folder(tmp_path):
+    data = tmp_path / "typo"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    config = _config(str(data), str(tmp_path / "out"))
+    with pytest.raises(PrepareError, match="not empty"):
+        prepared.ensure_prepared(config)
+    assert os.listdir(data) == ["notes.txt"] and not os.path.exists(tmp_path / "out")
+    with pytest.raises(PrepareError, match="not empty"):
+        synthetic.generate(str(data), per_class=2, max_side=32, workers=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    logs = []
+    prepared._generate_demo(_config(str(empty), ""), logs.append)
+    assert len(logs) == 1 and "generating synthetic data" in logs[0]
+    assert sorted(os.listdir(empty))[0] == "CVPR_2024_dataset_Test"
+    prepared._generate_demo(_config(str(empty), ""), logs.append)  # a dataset: left alone
+    assert len(logs) == 1

@@ -4,7 +4,8 @@ Writes ``CVPR_2024_dataset_{Train,Val,Test}/<Class>/<files>`` and ``train_image_
 with the real quirks: messy file names (mixed case, inner spaces, hyphens, no number suffix,
 ``bag _10.png``), names shared by two classes, the real Train class imbalance and a shifted Test
 split, mostly PNG with some JPEG and RGBA files, photo-like texture, and colours/shapes that
-correlate with the class so an image-only model beats chance. Deterministic for a seed.
+correlate with the class so an image-only model beats chance. Deterministic for a seed. Writes
+only into a new or empty folder (never among files of a real dataset).
 
     python -m jaxmm.data.synthetic --out DIR [--per_class N] [--seed S] [--max_side PX]
 """
@@ -13,9 +14,13 @@ import argparse
 import csv
 import multiprocessing as mp
 import os
+import shutil
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from jaxmm.errors import PrepareError
 
 SPLITS = ("Train", "Val", "Test")
 CLASSES = ("Black", "Blue", "Green", "TTR")
@@ -170,12 +175,28 @@ def _write_captions(out_dir: str, plan: list[tuple], seed: int) -> None:
             writer.writerow([f"{_FOREIGN_ROOT}/CVPR_2024_dataset_{split}/{cls}/{name}", caption])
 
 
+def check_target(out_dir: str) -> None:
+    """Raises PrepareError unless out_dir is absent or an empty folder."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise PrepareError(f"{out_dir} exists and is not a folder; synthetic data is generated "
+                           "only into a new or empty folder")
+    if os.listdir(out_dir):
+        raise PrepareError(f"{out_dir} is not empty and holds no dataset (no "
+                           "CVPR_2024_dataset_Train); synthetic data is generated only into a new "
+                           "or empty folder: check the data_dir path or empty the folder")
+
+
 def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1024,
              workers: int | None = None) -> str:
-    """Writes the synthetic dataset.
+    """Writes the synthetic dataset into a new or empty folder.
+
+    The files are written into a sibling folder first and renamed to out_dir at the end, so an
+    interrupted run leaves out_dir without a dataset (and the next run starts again).
 
     Args:
-      out_dir: root to write (created; existing files with the same names are overwritten).
+      out_dir: root to write: absent (it is created) or an empty folder.
       per_class: average Train files per class (Val/Test are ~18%/34% of Train).
       seed: generation seed; equal seeds give identical files.
       max_side: longest image side in pixels.
@@ -183,7 +204,13 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
 
     Returns:
       out_dir.
+
+    Raises:
+      PrepareError: out_dir exists and is not an empty folder.
     """
+    check_target(out_dir)
+    final, out_dir = out_dir, f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)
     plan = _plan(per_class, seed, max_side)
     for split in SPLITS:
         for cls in CLASSES:
@@ -197,7 +224,8 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
         for t in tasks:
             _write_one(t)
     _write_captions(out_dir, plan, seed)
-    return out_dir
+    os.replace(out_dir, final)  # also replaces an empty folder
+    return final
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_side", type=int, default=1024, help="longest side in pixels")
     args = parser.parse_args(argv)
-    generate(args.out, args.per_class, args.seed, args.max_side)
+    try:
+        generate(args.out, args.per_class, args.seed, args.max_side)
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {len(_plan(args.per_class, args.seed, args.max_side))} images to {args.out}")
 
 
