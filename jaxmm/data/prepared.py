@@ -9,7 +9,9 @@ a failed or interrupted run leaves the previous dataset as it was. ``ensure_prep
 same from a config on every JAX process. ``python -m jaxmm.prepare`` is the command line.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -86,7 +88,9 @@ def _build(scan: builder_lib.Scan, tmp_root: str, enc: builder_lib.EncodeOptions
                                    raw_dir=scan.data_dir, options=enc, pool=pool,
                                    data_dir=tmp_root, file_format="array_record")
     try:
-        b.download_and_prepare(download_dir=os.path.join(tmp_root, ".downloads"))
+        # tfds prints where it wrote (the temporary folder); the summary names the real one.
+        with contextlib.redirect_stdout(io.StringIO()):
+            b.download_and_prepare(download_dir=os.path.join(tmp_root, ".downloads"))
     except AssertionError:  # tfds: "No examples were yielded" for a split
         _check_written(scan, b)
         raise
