@@ -101,8 +101,9 @@ def read_image_state(source: str) -> dict[str, np.ndarray]:
         with open(config_path) as f:
             hf_config = json.load(f)
         if hf_config.get("model_type") == "resnet" and hf_config.get("downsample_in_bottleneck"):
-            raise ValueError(f"{source!r} is a ResNet v1 (stride in the first 1x1 convolution); "
-                             "the image tower is ResNet v1.5")
+            raise PretrainedFormatError(
+                f"{source!r} is a ResNet v1 (stride in the first 1x1 convolution); "
+                "the image tower is ResNet v1.5")
     if weights.endswith(".msgpack"):
         with open(weights, "rb") as f:
             state = resnet.hf_flax_to_torch_layout(serialization.msgpack_restore(f.read()))
@@ -112,8 +113,9 @@ def read_image_state(source: str) -> dict[str, np.ndarray]:
         return resnet.hf_to_torchvision(state)
     if "conv1.weight" in state:
         return state
-    raise ValueError(f"{weights!r} is neither an HF-format nor a torchvision-format ResNet "
-                     f"(first keys: {sorted(state)[:3]})")
+    raise PretrainedFormatError(
+        f"{weights!r} is neither an HF-format nor a torchvision-format ResNet "
+        f"(first keys: {sorted(state)[:3]})")
 
 
 def read_text_state(source: str) -> tuple[dict, list[str]]:
@@ -160,22 +162,26 @@ def graft(target: dict, loaded: dict[tuple, tuple[str, np.ndarray]], where: str)
       New flat dict with float32 pretrained values.
 
     Raises:
-      ValueError: naming the first unused tensor, shape mismatch, or the missing parameters.
+      PretrainedFormatError: naming the first unused tensor, shape mismatch, or the missing
+        parameters.
     """
     out = dict(target)
     for path, (key, value) in loaded.items():
         if path not in target:
-            raise ValueError(f"{where}: pretrained tensor {key!r} matches no model parameter "
-                             f"(looked for {'/'.join(map(str, path))}); wrong architecture?")
+            raise PretrainedFormatError(
+                f"{where}: pretrained tensor {key!r} matches no model parameter "
+                f"(looked for {'/'.join(map(str, path))}); wrong architecture?")
         if tuple(value.shape) != tuple(target[path].shape):
-            raise ValueError(f"{where}: pretrained tensor {key!r} has shape {tuple(value.shape)}"
-                             f" but model parameter {'/'.join(path)} has "
-                             f"{tuple(target[path].shape)}")
+            raise PretrainedFormatError(
+                f"{where}: pretrained tensor {key!r} has shape {tuple(value.shape)}"
+                f" but model parameter {'/'.join(path)} has "
+                f"{tuple(target[path].shape)}")
         out[path] = np.asarray(value, np.float32)
     missing = sorted("/".join(p) for p in set(target) - set(loaded))
     if missing:
-        raise ValueError(f"{where}: {len(missing)} tower parameters are not in the checkpoint, "
-                         f"e.g. {missing[:3]}")
+        raise PretrainedFormatError(
+            f"{where}: {len(missing)} tower parameters are not in the checkpoint, "
+            f"e.g. {missing[:3]}")
     return out
 
 
