@@ -12,7 +12,8 @@ Measured after warm-up, with one ``block_until_ready`` at the end of each timed 
   (a) step: samples/s of the train step on device-resident synthetic batches;
   (b) e2e: samples/s from a prepared TFDS dataset through the real grain train pipeline and
       ``parallel.prefetch_to_device`` into the same compiled step. Without --dataset_dir a small
-      synthetic dataset is generated (``jaxmm.data.synthetic``) and prepared (``jaxmm.prepare``).
+      synthetic dataset is generated (``jaxmm.data.synthetic``) and prepared
+      (``jaxmm.data.prepared``).
 Also: compile time (lower + compile), step time, peak device memory and MFU.
 
 FLOPs per sample: XLA's count of the compiled step (``cost_analysis()['flops']`` of one device's
@@ -40,8 +41,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
-from jaxmm import builders, parallel, prepare  # noqa: E402
-from jaxmm.data import builder, pipeline, synthetic  # noqa: E402
+from jaxmm import builders, parallel  # noqa: E402
+from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
 from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
 
 # Train counts of the real dataset (docs): the class weights have the real spread.
@@ -242,8 +243,8 @@ def prepared_dataset(args, config) -> str:
     per_class = args.per_class or max(8, args.batch_size // 2)
     if not builder.has_dataset(raw):
         synthetic.generate(raw, per_class, seed=0, max_side=2 * config.stored_image_size)
-    ds_dir, _ = prepare.prepare(raw, os.path.join(root, "prepared"),
-                                image_size=config.stored_image_size, log=lambda s: None)
+    ds_dir, _ = prepared.prepare(raw, os.path.join(root, "prepared"),
+                                 stored_image_size=config.stored_image_size, log=lambda s: None)
     return ds_dir
 
 

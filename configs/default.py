@@ -65,14 +65,19 @@ def get_config():
     c.optim.weight_decay = 0.01  # AdamW decay; never applied to biases and norm scales.
     c.optim.grad_clip_norm = 1.0  # Global gradient-norm clip; 0 = off.
     c.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
-    c.class_weights = "balanced"  # "balanced" (N / (K * n_k) from Train), "none", or a list.
+    # "balanced" (N / (K * n_k) from Train), "none", or one weight per class in class order as
+    # a string of numbers: "1.2,0.6,1.3,1.5" (--config.class_weights=1.2,0.6,1.3,1.5).
+    c.class_weights = "balanced"
 
     # --- Evaluation, checkpoints, logging -------------------------------------------------------
     c.early_stopping_metric = "macro_f1"  # Validation metric that picks the best checkpoint.
+    c.exclude_test_duplicates = False  # Evaluate also scores test without its copies of Train.
     c.patience = 3  # Epochs without improvement before stopping; 0 = never stop early.
     c.checkpoint_every_steps = 200  # Also saved at every epoch end and on SIGTERM/SIGUSR1.
     c.keep_checkpoints = 2  # Latest checkpoints kept (the best one is kept separately).
     c.log_every_steps = 20  # Metrics are fetched from the devices only at these steps.
     c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
     c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.
+    # Every whole-number field above is checked (>= 1, or >= 0 for patience, num_workers and
+    # prefetch_batches) before any data is prepared (builders.validate_config).
     return c

@@ -13,9 +13,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import losses, models, optim, parallel, paths, prepare, steps
-from jaxmm.data import pipeline
+from jaxmm import losses, models, optim, parallel, paths, steps
+from jaxmm.data import pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
+from jaxmm.errors import ConfigError
 
 # Validation metrics that may pick the best checkpoint; lower is better for the losses.
 EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1",
@@ -23,16 +24,42 @@ EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted
 LOWER_IS_BETTER = ("loss", "ce")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks what can be checked before any data is prepared; one-line errors."""
+# Config keys that must be whole numbers >= 1 (or >= 0), checked before anything runs.
+POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs", "checkpoint_every_steps",
+                 "log_every_steps", "keep_checkpoints", "max_text_length", "image_size",
+                 "stored_image_size", "signal_check_every_steps")
+NON_NEGATIVE_INTS = ("patience", "num_workers", "prefetch_batches")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Checks the config values that need no devices and no data; one-line ConfigErrors."""
     if not config.data_dir:
-        raise ValueError("config.data_dir is not set: pass --config.data_dir=/path/to/dataset "
-                         "(the folder holding CVPR_2024_dataset_Train, _Val and _Test)")
+        raise ConfigError("config.data_dir is not set: pass --config.data_dir=/path/to/dataset "
+                          "(the folder holding CVPR_2024_dataset_Train, _Val and _Test)")
+    for keys, low in ((POSITIVE_INTS, 1), (NON_NEGATIVE_INTS, 0)):
+        for key in keys:
+            value = config.get(key, low)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"config.{key}={value!r} must be a whole number >= {low}")
+    if not config.tokenizer and config.tokenizer_vocab_size <= len(tokenizer_lib.SPECIAL_TOKENS):
+        raise ConfigError(f"config.tokenizer_vocab_size={config.tokenizer_vocab_size} leaves no "
+                          "room after the special tokens")
+    weights = losses.parse_class_weights(config.class_weights)
+    if isinstance(weights, tuple) and config.class_names and \
+            len(weights) != len(config.class_names):
+        raise ConfigError(f"config.class_weights has {len(weights)} numbers for the "
+                          f"{len(config.class_names)} classes {list(config.class_names)}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks what can be checked before any data is prepared or any step runs; one-line
+    ConfigErrors naming the key."""
+    check_values(config)
     parallel.local_batch_size(config.batch_size, "batch_size")
     parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
     if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
-        raise ValueError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
-                         f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")
+        raise ConfigError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
+                          f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")
 
 
 @dataclasses.dataclass
@@ -54,7 +81,7 @@ class Data:
 
 def prepared_data(config: ml_collections.ConfigDict) -> Data:
     """Prepares the configured dataset once (every process may call it) and opens it."""
-    dataset_dir = prepare.ensure_prepared(config)
+    dataset_dir = prepared.ensure_prepared(config)
     return Data(dataset_dir, pipeline.dataset_meta(dataset_dir),
                 pipeline.load_splits(dataset_dir))
 
@@ -101,8 +128,8 @@ def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple
     """(steps per epoch, total steps) of a run over ``num_train`` examples."""
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
-                         f"training examples")
+        raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
+                          f"training examples")
     return steps_per_epoch, steps_per_epoch * config.num_epochs
 
 

@@ -19,6 +19,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 
+from jaxmm.errors import WorkdirError
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
@@ -153,8 +155,8 @@ def restore_model(workdir: str, which: str = "best") -> tuple[dict, int]:
         if step not in have["all"]:
             step = None
     if step is None:
-        raise FileNotFoundError(f"{workdir}: no '{which}' checkpoint (have: best={have['best']}, "
-                                f"latest steps={have['all']})")
+        raise WorkdirError(f"{workdir}: no '{which}' checkpoint (have: best={have['best']}, "
+                           f"latest steps={have['all']})")
     tree = _restore_tree(root / LATEST_DIR / str(step) / "state",
                          keys=("params", "batch_stats"))
     return tree, step

@@ -1,5 +1,9 @@
 """Shared plumbing of the command-line entry points: one-line errors instead of tracebacks for
-user mistakes, and quiet logging on processes other than 0."""
+user mistakes, and quiet logging on processes other than 0.
+
+Only the project's own user-error types (``jaxmm.errors.UserError``) become one line; any other
+exception is a bug (or an unexpected failure) and keeps its traceback.
+"""
 
 import contextlib
 import os
@@ -7,10 +11,11 @@ import sys
 
 from absl import app, flags, logging
 
-# Exceptions that mean "the input or the config is wrong" (or, for FloatingPointError, "the run
+from jaxmm.errors import UserError
+
+# Exceptions that mean "the input, the config or the environment is wrong" (or "the run
 # diverged"), not "jaxmm has a bug".
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
-               OSError, FloatingPointError)
+USER_ERRORS = (UserError,)
 
 
 def _one_line(prog: str, error: BaseException) -> str:

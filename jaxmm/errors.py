@@ -28,3 +28,15 @@ class PretrainedFormatError(UserError, ValueError):
 
 class HubUnreachableError(UserError, ConnectionError):
     """The Hugging Face hub cannot be reached (no network on this machine)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, flag or command-line argument that cannot work; names the key."""
+
+
+class WorkdirError(UserError, FileNotFoundError):
+    """A workdir, its run record, checkpoint or prepared dataset is missing or does not fit."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite: the run diverged."""

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxmm import files, parallel, paths, restore, scoring, train_log
-from jaxmm.data import transforms
+from jaxmm.data import dedup, transforms
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
 
@@ -177,10 +177,18 @@ def write_reports(out_dir: str, metrics: dict, rows: list[dict], image_of,
 # --- Evaluation of a split ----------------------------------------------------------------------
 
 ABLATION = (("image", "text"), ("image",), ("text",))
+WITHOUT_COPIES_KEY = "without_train_copies"  # metrics.json entry of exclude_test_duplicates
+
+
+def eval_dir(workdir: str, split: str, checkpoint: str, step: int, suffix: str = "") -> str:
+    """``eval/best/<split>`` or ``eval/step_<N>/<split>`` (for ``latest`` and step numbers), so
+    evaluations of different checkpoints never replace each other's reports."""
+    tag = "best" if str(checkpoint) == "best" else f"step_{step}"
+    return os.path.join(workdir, paths.EVAL_DIR, tag, split + suffix)
 
 
 def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", modalities=None,
-                 ablation: bool = False) -> dict:
+                 ablation: bool = False, exclude_test_duplicates: bool | None = None) -> dict:
     """Evaluates a split of a trained run and (on process 0) writes its reports.
 
     Args:
@@ -189,10 +197,12 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
       checkpoint: "best", "latest" or a step number.
       modalities: towers to keep (None = all of the model's); the others are masked.
       ablation: also evaluate every tower combination of ``ABLATION`` the model has.
+      exclude_test_duplicates: on the test split, also report the metrics without the images
+        that have an exact or near copy in Train (None = the run's config entry).
 
     Returns:
       dict(metrics, report (classification report text), out_dir, ablation (rows or None),
-      notes (warnings to show)).
+      notes (lines to show)).
     """
     run = restore.load_run(workdir, checkpoint, axis_name=parallel.AXIS_NAME)
     evaluator = scoring.SplitEvaluator(run, split)
@@ -201,10 +211,16 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
     metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=run.step,
                    modalities=list(mods))
     suffix = "" if mods == run.modalities else "-" + "+".join(mods)
-    out_dir = os.path.join(workdir, paths.EVAL_DIR, split + suffix)
+    out_dir = eval_dir(workdir, split, checkpoint, run.step, suffix)
     result = {"metrics": metrics, "out_dir": out_dir, "ablation": None, "notes": []}
+    if exclude_test_duplicates is None:
+        exclude_test_duplicates = run.config.get("exclude_test_duplicates", False)
+    if exclude_test_duplicates and split == "test":
+        metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, predictions)
+        result["notes"].append(note)
     if ablation:
-        result["ablation"], result["notes"] = run_ablation(evaluator)
+        rows, notes = run_ablation(evaluator)
+        result["ablation"], result["notes"] = rows, result["notes"] + notes
     result["report"] = ""
     if train_log.is_writer():
         rows = scoring.example_rows(evaluator.source, predictions, run.class_names)
@@ -214,6 +230,31 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
             files.write_json(os.path.join(out_dir, "ablation.json"),
                                  {"rows": result["ablation"], "notes": result["notes"]})
     return result
+
+
+def without_train_copies(evaluator: scoring.SplitEvaluator, predictions: dict
+                         ) -> tuple[dict, str]:
+    """Metrics of the test split without the images that have a copy in Train.
+
+    The copies are the ``duplicates`` prepare found (exact, or near by perceptual hash).
+
+    Returns:
+      (metrics with ``excluded_files``, a one-line summary).
+    """
+    run = evaluator.run
+    meta = files.read_json(os.path.join(run.dataset_dir, paths.META_FILE)) or {}
+    if "duplicates" not in meta:
+        return {}, ("exclude_test_duplicates: the prepared dataset has no duplicate report "
+                    "(prepared by an older jaxmm); prepare it again to use this option")
+    excluded = dedup.files_with_copy_in(meta["duplicates"], evaluator.split, "train")
+    names = [files.text(evaluator.source[int(i)]["file_name"]) for i in predictions["index"]]
+    keep = [n not in excluded for n in names]
+    metrics = scoring.subset_metrics(evaluator.source, predictions, run.class_names,
+                                     run.class_weights, keep)
+    metrics["excluded_files"] = sorted(n for n in names if n in excluded)
+    return metrics, (f"{evaluator.split} without the {len(metrics['excluded_files'])} images "
+                     f"that have a copy in Train: {metrics['num_examples']} examples, accuracy "
+                     f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
 
 
 def run_ablation(evaluator: scoring.SplitEvaluator) -> tuple[list | None, list]:

@@ -2,8 +2,10 @@
 
     python -m jaxmm.evaluate --workdir runs/x [--split test|validation|train]
         [--checkpoint best|latest|STEP] [--modalities image,text] [--ablation]
+        [--exclude_test_duplicates]
 
-Writes ``<workdir>/eval/<split>/`` (``<split>-<modalities>`` when towers are masked):
+Writes ``<workdir>/eval/best/<split>/`` (``eval/step_<N>/<split>/`` for ``latest`` and step
+numbers; ``<split>-<modalities>`` when towers are masked):
 metrics.json, classification_report.txt, predictions.csv, misclassified.csv,
 confusion_matrix.png, misclassified.png (and ablation.json with ``--ablation``). Every example
 counts once on any device count; under Slurm (``srun``, one process per GPU) every process
@@ -13,6 +15,7 @@ evaluates its share and process 0 writes.
 from absl import flags, logging
 
 from jaxmm import cli
+from jaxmm.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "Split to evaluate.")
@@ -20,13 +23,17 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a s
 _MODALITIES = flags.DEFINE_list("modalities", [], "Towers to keep, e.g. 'text'; default: all.")
 _ABLATION = flags.DEFINE_bool("ablation", False,
                               "Also evaluate image+text, image-only and text-only.")
+_EXCLUDE = flags.DEFINE_bool(
+    "exclude_test_duplicates", None,
+    "On test, also report metrics without the images that have a copy in Train; "
+    "default: the run's config.exclude_test_duplicates.")
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.initialize_distributed()
     import jax
 
@@ -35,7 +42,7 @@ def main(argv):
     logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     result = eval_report.evaluate_run(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value,
-                                      _MODALITIES.value, _ABLATION.value)
+                                      _MODALITIES.value, _ABLATION.value, _EXCLUDE.value)
     if jax.process_index() != 0:
         return
     print(eval_report.summary(result["metrics"], result["report"]))

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every writer: atomic JSON, CSV, text cells."""
+"""Small file helpers shared by every writer: atomic JSON, CSV (formula-safe), text cells."""
 
 import csv
 import json
@@ -35,12 +35,25 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @`` (or a
+    tab or carriage return) gets a leading apostrophe; numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_csv(path: str, rows: list[dict], columns: list[str]) -> str:
-    """Writes ``rows`` (dicts) with the given column order."""
+    """Writes ``rows`` (dicts) with the given column order; every cell goes through
+    ``csv_cell``, so a file name such as ``=HYPERLINK(...).png`` stays text."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return path
 
 

@@ -20,6 +20,7 @@ from absl import logging
 
 from jaxmm import builders, checkpointing, files, optim, parallel, paths, scoring, steps, train_log
 from jaxmm.data import pipeline
+from jaxmm.errors import DivergedError
 from jaxmm.run_state import RunProgress, Status
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
@@ -30,7 +31,7 @@ _RESUME_SENSITIVE = ("seed", "batch_size", "num_epochs", "data_dir", "text_sourc
                      "max_text_length", "num_workers")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergedError):
     """The loss or the gradient norm became NaN/inf."""
 
 

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxmm.errors import ConfigError
+
 
 def balanced_class_weights(counts: Sequence[int]) -> np.ndarray:
     """Inverse-frequency weights N / (K * n_k), as scikit-learn's "balanced".
@@ -27,8 +29,31 @@ def balanced_class_weights(counts: Sequence[int]) -> np.ndarray:
     """
     counts = np.asarray(counts, dtype=np.float64)
     if np.any(counts <= 0):
-        raise ValueError(f"class_weights='balanced' needs every class in Train; counts: {counts}")
+        raise ConfigError(f"class_weights='balanced' needs every class in Train; counts: {counts}")
     return (counts.sum() / (len(counts) * counts)).astype(np.float32)
+
+
+def parse_class_weights(spec) -> str | tuple[float, ...]:
+    """The ``class_weights`` entry as 'balanced', 'none' or a tuple of numbers.
+
+    A list comes from a config file as a sequence and from the command line as a string:
+    ``--config.class_weights=1.2,0.6,1.3,1.5`` (brackets and spaces allowed).
+
+    Raises:
+      ConfigError: anything else, or numbers that are not all positive.
+    """
+    if isinstance(spec, str) and spec in ("balanced", "none", ""):
+        return spec or "none"
+    items = spec.strip().strip("[]()").replace(",", " ").split() if isinstance(spec, str) \
+        else list(spec)
+    try:
+        weights = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        weights = ()
+    if not weights or not all(w > 0 and np.isfinite(w) for w in weights):
+        raise ConfigError("config.class_weights: expected 'balanced', 'none' or positive numbers "
+                          f"(one per class, e.g. 1.2,0.6,1.3,1.5); got {spec!r}")
+    return weights
 
 
 def resolve_class_weights(spec, class_names: Sequence[str],
@@ -36,7 +61,8 @@ def resolve_class_weights(spec, class_names: Sequence[str],
     """Turns the ``class_weights`` config entry into one weight per class.
 
     Args:
-      spec: "balanced", "none" (all ones) or a sequence of K numbers in class order.
+      spec: "balanced", "none" (all ones) or K numbers in class order (a sequence, or a
+        string of comma-separated numbers as given on the command line).
       class_names: the class names, in label order.
       train_counts: examples per class name in the Train split.
 
@@ -44,17 +70,15 @@ def resolve_class_weights(spec, class_names: Sequence[str],
       float32 array of K weights.
     """
     num_classes = len(class_names)
-    if isinstance(spec, str):
-        if spec == "balanced":
-            return balanced_class_weights([train_counts.get(n, 0) for n in class_names])
-        if spec in ("none", ""):
-            return np.ones(num_classes, np.float32)
-        raise ValueError("config.class_weights: expected 'balanced', 'none' or a list; "
-                         f"got {spec!r}")
-    weights = np.asarray(list(spec), dtype=np.float32)
-    if weights.shape != (num_classes,) or np.any(weights <= 0):
-        raise ValueError(f"config.class_weights: need {num_classes} positive numbers "
-                         f"(one per class of {list(class_names)}); got {list(spec)}")
+    spec = parse_class_weights(spec)
+    if spec == "balanced":
+        return balanced_class_weights([train_counts.get(n, 0) for n in class_names])
+    if spec == "none":
+        return np.ones(num_classes, np.float32)
+    weights = np.asarray(spec, dtype=np.float32)
+    if weights.shape != (num_classes,):
+        raise ConfigError(f"config.class_weights: need {num_classes} positive numbers "
+                          f"(one per class of {list(class_names)}); got {list(spec)}")
     return weights
 
 

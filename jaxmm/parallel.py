@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxmm.errors import ConfigError
+
 # The one axis name used by pmap, BatchNorm and every collective.
 AXIS_NAME = "batch"
 
@@ -99,12 +101,12 @@ def local_batch_size(global_batch: int, name: str = "batch_size", *,
     """
     devices = jax.device_count()
     if global_batch < 1:
-        raise ValueError(f"config.{name}={global_batch} must be at least 1")
+        raise ConfigError(f"config.{name}={global_batch} must be at least 1")
     if round_up:
         global_batch = -(-global_batch // devices) * devices
     elif global_batch % devices:
-        raise ValueError(f"config.{name}={global_batch} is not divisible by the {devices} devices "
-                         f"of this run; choose a multiple of {devices}")
+        raise ConfigError(f"config.{name}={global_batch} is not divisible by the {devices} devices "
+                          f"of this run; choose a multiple of {devices}")
     return global_batch // jax.process_count()
 
 

@@ -4,6 +4,8 @@ A workdir holds ``config.json`` (the run record written by the training loop: co
 names, class weights, preprocessing), the tokenizer the run trained with and orbax checkpoints.
 From these alone the model and its inference variables are rebuilt, in a fresh process, on any
 device count and on every process of a multi-process job; no dataset is needed to predict.
+Nothing here prepares data, generates data or trains a tokenizer: evaluating a split needs the
+run's prepared dataset where its config says, and a missing one is an error naming that path.
 """
 
 import dataclasses
@@ -15,9 +17,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import builders, checkpointing, paths, prepare
-from jaxmm.data import builder, pipeline
+from jaxmm import builders, checkpointing, paths
+from jaxmm.data import pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
+from jaxmm.errors import ConfigError, WorkdirError
 
 
 @dataclasses.dataclass
@@ -45,8 +48,8 @@ class Run:
         dataset_dir = dataset_dir_of(self.config)
         found = list(pipeline.dataset_meta(dataset_dir)["class_names"])
         if found != self.class_names:
-            raise ValueError(f"{dataset_dir} has classes {found}, the run was trained on "
-                             f"{self.class_names}")
+            raise WorkdirError(f"{dataset_dir} has classes {found}, the run was trained on "
+                               f"{self.class_names}")
         return dataset_dir
 
 
@@ -63,13 +66,13 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
     """The run's config (as a ConfigDict) and the whole ``config.json`` record.
 
     Raises:
-      FileNotFoundError: the workdir or its config.json does not exist.
+      WorkdirError: the workdir or its config.json does not exist.
     """
     if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
+        raise WorkdirError(f"workdir {workdir} does not exist")
     path = paths.in_workdir(workdir, paths.CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+        raise WorkdirError(f"{path} not found: is {workdir} a training workdir?")
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     return ml_collections.ConfigDict(_tuples(record["config"])), record
@@ -78,23 +81,29 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
 def _check_checkpoint(which: str) -> str:
     if which in ("best", "latest") or str(which).isdigit():
         return str(which)
-    raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}")
+    raise ConfigError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}")
 
 
 def dataset_dir_of(config: ml_collections.ConfigDict) -> str:
-    """The prepared dataset of a run: where prepare wrote it, else prepared again from raw data.
+    """The prepared dataset of a run, where prepare wrote it for the run's config.
 
-    Using the recorded location first means evaluation works where only the prepared data (not
-    the raw folders) is present, and never rebuilds it behind the run's back.
+    It is never prepared or generated here: inference writes nothing outside the workdir (and
+    predict's --out), wherever the run's config.json points.
+
+    Raises:
+      WorkdirError: no prepared dataset there; the message names the path and the command.
     """
-    recorded = paths.dataset_path(prepare.prepared_dir(config))
+    out_dir = prepared.prepared_dir(config)
+    recorded = paths.dataset_path(out_dir)
     if os.path.isfile(os.path.join(recorded, paths.META_FILE)):
         return recorded
-    try:
-        return prepare.ensure_prepared(config)
-    except builder.PrepareError as e:
-        raise FileNotFoundError(f"no prepared dataset at {recorded}, and it cannot be prepared "
-                                f"again: {e}") from None
+    command = (f"python -m jaxmm.prepare --data_dir {config.data_dir} --out_dir {out_dir} "
+               f"--stored_image_size {config.stored_image_size} --text_source "
+               f"{config.text_source}")
+    if config.class_names:
+        command += f" --class_names {','.join(config.class_names)}"
+    raise WorkdirError(f"no prepared dataset at {recorded} (where the run's config.json points);"
+                       f" evaluation never prepares data: run `{command}` first")
 
 
 def _check_variables(model, config, variables: dict) -> None:
@@ -105,8 +114,8 @@ def _check_variables(model, config, variables: dict) -> None:
     want, got = shapes(expected), shapes(variables)
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:3]
-        raise ValueError(f"the checkpoint does not match the model of config.json (first "
-                         f"differences: {diff})")
+        raise WorkdirError(f"the checkpoint does not match the model of config.json (first "
+                           f"differences: {diff})")
 
 
 def load_run(workdir: str, checkpoint: str = "best", *,
@@ -139,5 +148,6 @@ def _tokenizer_and_preprocessing(workdir: str, config, record: dict) -> tuple[An
     if os.path.isdir(kept) and "preprocessing" in record:
         return tokenizer_lib.load_tokenizer(kept), dict(record["preprocessing"])
     dataset_dir = dataset_dir_of(config)
-    return (tokenizer_lib.get_tokenizer(config, dataset_dir),
+    name = config.tokenizer or os.path.join(dataset_dir, tokenizer_lib.TOKENIZER_SUBDIR)
+    return (tokenizer_lib.load_tokenizer(name),  # never trains one
             builders.preprocessing(config, pipeline.dataset_meta(dataset_dir)))

@@ -14,6 +14,7 @@ import numpy as np
 from jaxmm import files, parallel, steps
 from jaxmm import metrics as metrics_lib
 from jaxmm.data import pipeline
+from jaxmm.errors import ConfigError
 
 if TYPE_CHECKING:
     from jaxmm import restore
@@ -79,8 +80,8 @@ def selected_modalities(model_modalities: tuple, modalities) -> tuple:
     """The requested towers in the model's order (None or empty = all of them)."""
     want = tuple(modalities or model_modalities)
     if set(want) - set(model_modalities):
-        raise ValueError(f"modalities {','.join(want)} are not a subset of the model's "
-                         f"{','.join(model_modalities)}")
+        raise ConfigError(f"modalities {','.join(want)} are not a subset of the model's "
+                          f"{','.join(model_modalities)}")
     return tuple(m for m in model_modalities if m in want)
 
 
@@ -97,7 +98,7 @@ class SplitEvaluator:
     def __init__(self, run: "restore.Run", split: str):
         sources = pipeline.load_splits(run.dataset_dir)
         if split not in sources:
-            raise ValueError(f"unknown split {split!r}; {run.dataset_dir} has {sorted(sources)}")
+            raise ConfigError(f"unknown split {split!r}; {run.dataset_dir} has {sorted(sources)}")
         self.run, self.split, self.source = run, split, sources[split]
         # The run's eval batch, rounded up so that any device count splits it evenly.
         self.local_batch = parallel.local_batch_size(run.config.eval_batch_size,
@@ -163,6 +164,34 @@ def prediction_row(probs, class_names: list, **fields) -> dict:
     k = int(np.argmax(probs))
     return {**fields, "predicted": class_names[k], "confidence": float(probs[k]),
             **{f"p_{c}": float(v) for c, v in zip(class_names, probs, strict=True)}}
+
+
+def subset_metrics(source, predictions: dict, class_names: list, class_weights,
+                   keep) -> dict:
+    """Metrics of the examples with ``keep`` True, from the gathered predictions (host side).
+
+    Counts are exact; the losses come from the float32 probabilities, so they match the
+    device's to about 1e-6.
+
+    Args:
+      source: the split's record source (for the labels).
+      predictions: {"index": [N], "probs": [N, K]} from ``SplitEvaluator(collect=True)``.
+      class_names: class names in label order.
+      class_weights: [K] weights of the weighted loss.
+      keep: [N] bools, aligned with predictions["index"].
+    """
+    keep = np.asarray(keep, bool)
+    k = len(class_names)
+    labels = np.array([int(source[int(i)]["label"]) for i in predictions["index"][keep]],
+                      np.int64)
+    probs = np.asarray(predictions["probs"], np.float64)[keep]
+    confusion = np.bincount(labels * k + probs.argmax(1), minlength=k * k).reshape(k, k)
+    result = metrics_lib.from_confusion(confusion, class_names)
+    ce = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-30, None))
+    w = np.asarray(class_weights, np.float64)[labels]
+    result.update(metrics_lib.loss_metrics({"weighted_ce": (w * ce).sum(), "weight": w.sum(),
+                                            "ce": ce.sum(), "count": len(labels)}))
+    return result
 
 
 def example_rows(source, predictions: dict, class_names: list) -> list[dict]:

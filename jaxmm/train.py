@@ -15,6 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxmm import cli, paths, train_log
+from jaxmm.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     # The workdir survives requeues, so its compilation cache saves a compile on every resume.
     cli.initialize_distributed(
         paths.in_workdir(os.path.abspath(_WORKDIR.value), paths.JAX_CACHE_DIR))

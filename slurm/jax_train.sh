@@ -149,9 +149,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 
 def main(argv):
     del argv
-    from jaxmm import prepare
+    from jaxmm import builders, cli
+    from jaxmm.data import prepared
 
-    print("dataset ready:", prepare.ensure_prepared(_CONFIG.value), flush=True)
+    with cli.user_errors("jaxmm prepare step"):
+        builders.check_values(_CONFIG.value)  # bad values fail here, before any data work
+        print("dataset ready:", prepared.ensure_prepared(_CONFIG.value), flush=True)
 
 
 if __name__ == "__main__":

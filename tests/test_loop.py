@@ -55,10 +55,10 @@ def _summary(workdir):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """One synthetic dataset, prepared once, shared by every run in this module."""
-    from jaxmm import prepare
+    from jaxmm.data import prepared
 
     path = str(tmp_path_factory.mktemp("demo_data"))
-    prepare.ensure_prepared(tiny_config(path))
+    prepared.ensure_prepared(tiny_config(path))
     return path
 
 

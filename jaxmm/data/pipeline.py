@@ -17,10 +17,11 @@ import os
 import grain
 import numpy as np
 
+from jaxmm import paths
 from jaxmm.data import transforms
+from jaxmm.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
-META_FILE = "jaxmm_meta.json"
 
 
 def load_splits(dataset_dir: str) -> dict:
@@ -45,9 +46,9 @@ def dataset_meta(dataset_dir: str) -> dict:
 
     Returns:
       dict(class_names=list[str], counts={split: {class: n}}, num_examples={split: n},
-           options={...} (how prepare stored the records: image_size, image_format, ...)).
+           options={...} (how prepare stored the records: stored_image_size, image_format, ...)).
     """
-    with open(os.path.join(dataset_dir, META_FILE), encoding="utf-8") as f:
+    with open(os.path.join(dataset_dir, paths.META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     out = {k: meta[k] for k in ("class_names", "counts", "num_examples")}
     out["options"] = meta.get("options", {})
@@ -96,8 +97,8 @@ def make_train_iter(config, source, tokenizer, *, local_batch_size: int, process
     global_batch = local_batch_size * process_count
     steps = len(source) // global_batch
     if steps == 0:
-        raise ValueError(f"train split has {len(source)} examples, fewer than the global batch "
-                         f"{global_batch}")
+        raise ConfigError(f"train split has {len(source)} examples, fewer than the global batch "
+                          f"{global_batch}")
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle()
     # Slices of a shuffled dataset keep the epoch in the index, so each epoch is reshuffled.
     ds = ds[: steps * global_batch].repeat(num_epochs)

@@ -11,7 +11,6 @@ only into a new or empty folder (never among files of a real dataset).
 """
 
 import argparse
-import csv
 import multiprocessing as mp
 import os
 import shutil
@@ -20,6 +19,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from jaxmm import files
 from jaxmm.errors import PrepareError
 
 SPLITS = ("Train", "Val", "Test")
@@ -163,16 +163,16 @@ def _write_one(args: tuple) -> None:
 def _write_captions(out_dir: str, plan: list[tuple], seed: int) -> None:
     """Writes train_image_descriptions.csv with foreign absolute paths and ~5% rows missing."""
     rng = np.random.default_rng(seed + 1)
-    path = os.path.join(out_dir, "train_image_descriptions.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "description"])
-        for split, cls, name, item, *_ in plan:
-            if split != "Train" or rng.random() < 0.05:
-                continue
-            words = item.strip().replace("_", " ").lower()
-            caption = _CAPTION_TEMPLATES[rng.integers(len(_CAPTION_TEMPLATES))].format(words)
-            writer.writerow([f"{_FOREIGN_ROOT}/CVPR_2024_dataset_{split}/{cls}/{name}", caption])
+    rows = []
+    for split, cls, name, item, *_ in plan:
+        if split != "Train" or rng.random() < 0.05:
+            continue
+        words = item.strip().replace("_", " ").lower()
+        caption = _CAPTION_TEMPLATES[rng.integers(len(_CAPTION_TEMPLATES))].format(words)
+        rows.append({"image": f"{_FOREIGN_ROOT}/CVPR_2024_dataset_{split}/{cls}/{name}",
+                     "description": caption})
+    files.write_csv(os.path.join(out_dir, "train_image_descriptions.csv"), rows,
+                    ["image", "description"])
 
 
 def check_target(out_dir: str) -> None:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmm.errors import ConfigError
 from jaxmm.models import pretrained
 from jaxmm.models.fusion import MODALITIES, MultimodalClassifier
 from jaxmm.models.resnet import ARCHS
@@ -27,7 +28,7 @@ def compute_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if name not in ("float32", "bfloat16"):
-        raise ValueError(
+        raise ConfigError(
             f"config.model.dtype must be 'float32', 'bfloat16' or 'auto', got {name!r}")
     return jnp.dtype(name)
 
@@ -52,11 +53,11 @@ def build_model(model_config, num_classes: int, vocab_size: int,
     modalities = tuple(model_config.modalities)
     if not modalities or set(modalities) - set(MODALITIES) or len(set(modalities)) != len(
             modalities):
-        raise ValueError(f"config.model.modalities must be a non-empty subset of {MODALITIES}, "
-                         f"got {modalities!r}")
+        raise ConfigError(f"config.model.modalities must be a non-empty subset of {MODALITIES}, "
+                          f"got {modalities!r}")
     if "image" in modalities and model_config.image_arch not in ARCHS:
-        raise ValueError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
-                         f"got {model_config.image_arch!r}")
+        raise ConfigError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
+                          f"got {model_config.image_arch!r}")
     text_config = distilbert_config(model_config, vocab_size) if "text" in modalities else None
     return MultimodalClassifier(
         modalities=modalities, num_classes=num_classes, image_arch=model_config.image_arch,

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmm.errors import ConfigError
 from jaxmm.models.resnet import ResNet
 from jaxmm.models.text import TextTower
 
@@ -66,7 +67,7 @@ class FusionHead(nn.Module):
         elif self.fusion == "gated":
             fused = self._gate(projected, dense)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"config.model.fusion must be 'concat' or 'gated', got {self.fusion!r}")
         x = nn.Dropout(self.dropout, deterministic=not train)(fused)
         x = nn.gelu(dense(self.hidden_dim, "fc1")(x))

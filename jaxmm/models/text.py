@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
+from jaxmm.errors import ConfigError
+
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}
 
 
@@ -32,7 +34,7 @@ def distilbert_config(model_config, vocab_size: int) -> DistilBertConfig:
     if arch == "tiny":
         return DistilBertConfig(vocab_size=vocab_size, **TINY)
     if arch != "distilbert":
-        raise ValueError(f"config.model.text_arch must be 'distilbert' or 'tiny', got {arch!r}")
+        raise ConfigError(f"config.model.text_arch must be 'distilbert' or 'tiny', got {arch!r}")
     if not model_config.text_pretrained:
         return DistilBertConfig(vocab_size=vocab_size)
     from jaxmm.models.pretrained import resolve_pretrained  # a cycle at import time otherwise
@@ -41,7 +43,7 @@ def distilbert_config(model_config, vocab_size: int) -> DistilBertConfig:
     config = DistilBertConfig.from_pretrained(
         path if os.path.isdir(path) else os.path.dirname(path))
     if vocab_size > config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer vocabulary ({vocab_size}) is larger than the embedding table of "
             f"{model_config.text_pretrained!r} ({config.vocab_size}); use the tokenizer saved "
             "with those weights"
@@ -54,7 +56,7 @@ def pool(hidden: jnp.ndarray, attention_mask: jnp.ndarray, mode: str) -> jnp.nda
     if mode == "cls":
         return hidden[:, 0]
     if mode != "mean":
-        raise ValueError(f"config.model.text_pooling must be 'cls' or 'mean', got {mode!r}")
+        raise ConfigError(f"config.model.text_pooling must be 'cls' or 'mean', got {mode!r}")
     mask = attention_mask.astype(hidden.dtype)[..., None]
     total = jnp.sum(hidden * mask, axis=1)
     return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
