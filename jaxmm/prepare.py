@@ -15,13 +15,6 @@ from jaxmm.data import captions as captions_lib
 from jaxmm.data import prepared
 from jaxmm.errors import UserError
 
-# The library names, for callers that still import them from here.
-dataset_path = prepared.dataset_path
-ensure_prepared = prepared.ensure_prepared
-prepare = prepared.prepare
-prepared_dir = prepared.prepared_dir
-summary = prepared.summary
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""

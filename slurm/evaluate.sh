@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluates a trained run on a cluster node: `python -m jaxmm.evaluate` on one split, writing
-# <WORKDIR>/eval/<SPLIT>/metrics.json (plus the evaluator's reports).
+# <WORKDIR>/eval/<best or step_N>/<SPLIT>/metrics.json (plus the evaluator's reports).
 #
 # Usage (from the repository root):
 #   WORKDIR=runs/y [SPLIT=test] [CHECKPOINT=best] sbatch [sbatch options] slurm/evaluate.sh [extra args]

@@ -76,3 +76,19 @@ def test_cli_folder_to_csv_with_a_corrupt_file(run, tmp_path):
     rows = _read_csv(out)
     assert sorted(os.path.basename(r["file"]) for r in rows) == ["a_cup.png", "egg_shells_2.png"]
     assert {r["predicted"] for r in rows} <= set(run.class_names)
+
+
+def test_cli_writes_only_into_the_workdir_without_out(run, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(_some_image(run), folder / "=cmd()_1.png")
+    target = os.path.join(run.workdir, "predictions.csv")
+    if os.path.exists(target):
+        os.remove(target)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxmm.predict", "--workdir", run.workdir, str(folder)],
+        env=_env(1), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # nothing in the current folder
+    rows = _read_csv(target)
+    assert [os.path.basename(r["file"]) for r in rows] == ["=cmd()_1.png"]

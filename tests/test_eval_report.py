@@ -156,7 +156,7 @@ def test_fresh_process_on_one_device_reproduces_training_validation(trained_run)
     with open(os.path.join(trained_run, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f]
     logged = next(r for r in logged if r["kind"] == "val" and r["step"] == best_step)
-    with open(os.path.join(trained_run, "eval", "validation", "metrics.json")) as f:
+    with open(os.path.join(trained_run, "eval", "best", "validation", "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["checkpoint_step"] == best_step
     assert metrics["num_examples"] == logged["num_examples"] == TINY["val_size"]
@@ -176,7 +176,7 @@ def test_ablation_rows_and_masked_modalities(trained_run):
     assert result["notes"] == []  # trained with modality dropout
     assert os.path.exists(os.path.join(result["out_dir"], "ablation.json"))
     text_only = eval_report.evaluate_run(trained_run, "validation", modalities=["text"])
-    assert text_only["out_dir"].endswith(os.path.join("eval", "validation-text"))
+    assert text_only["out_dir"].endswith(os.path.join("eval", "best", "validation-text"))
     assert text_only["metrics"]["accuracy"] == rows[2]["accuracy"]
 
 
@@ -215,11 +215,11 @@ def test_two_processes_match_one_process(trained_run, test_eval, tmp_path):
         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     outs = [_finish(p) for p in procs]
     assert "test: 16 examples" in outs[0] and "examples" not in outs[1]  # one writer
-    with open(os.path.join(trained_run, "eval", "test", "metrics.json")) as f:
+    with open(os.path.join(trained_run, "eval", "best", "test", "metrics.json")) as f:
         metrics = json.load(f)
     for key in ("num_examples", "accuracy", "macro_f1", "confusion_matrix"):
         assert metrics[key] == test_eval["metrics"][key], key
-    rows = _read_csv(os.path.join(trained_run, "eval", "test", "predictions.csv"))
+    rows = _read_csv(os.path.join(trained_run, "eval", "best", "test", "predictions.csv"))
     assert [int(r["index"]) for r in rows] == list(range(TINY["test_size"]))
 
 
@@ -252,3 +252,73 @@ def test_checkpoint_choices(trained_run):
     have = checkpointing.available(trained_run)
     assert restore.load_run(trained_run, "latest").step == have["latest"]
     assert restore.load_run(trained_run, str(have["all"][0])).step == have["all"][0]
+
+
+def test_each_checkpoint_keeps_its_own_reports(trained_run):
+    from jaxmm import checkpointing, eval_report
+
+    have = checkpointing.available(trained_run)
+    first, latest = have["all"][0], have["latest"]
+    results = {which: eval_report.evaluate_run(trained_run, "validation", which)
+               for which in ("best", "latest", str(first))}
+    assert results["best"]["out_dir"].endswith(os.path.join("eval", "best", "validation"))
+    assert results["latest"]["out_dir"].endswith(
+        os.path.join("eval", f"step_{latest}", "validation"))
+    assert results[str(first)]["out_dir"].endswith(
+        os.path.join("eval", f"step_{first}", "validation"))
+    assert first != latest and len({r["out_dir"] for r in results.values()}) == 3
+    for which, result in results.items():
+        with open(os.path.join(result["out_dir"], "metrics.json")) as f:
+            assert json.load(f)["checkpoint"] == which
+
+
+def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_eval,
+                                                           monkeypatch):
+    from sklearn import metrics as sk
+
+    from jaxmm import eval_report, restore
+    from jaxmm.data import dedup
+
+    rows = _read_csv(os.path.join(test_eval["out_dir"], "predictions.csv"))
+    planted = {rows[i]["file"] for i in (0, 3, 5)}
+    monkeypatch.setattr(dedup, "files_with_copy_in", lambda duplicates, split, other: (
+        planted if (split, other) == ("test", "train") else set()))
+    result = eval_report.evaluate_run(trained_run, "test", exclude_test_duplicates=True)
+    sub = result["metrics"]["without_train_copies"]
+    assert result["metrics"]["accuracy"] == test_eval["metrics"]["accuracy"]  # full split kept
+    assert sub["excluded_files"] == sorted(planted)
+    kept = [r for r in rows if r["file"] not in planted]
+    assert sub["num_examples"] == len(kept) == TINY["test_size"] - 3
+    names = sub["confusion_matrix"]["labels"]
+    y_true = [names.index(r["true"]) for r in kept]
+    y_pred = [names.index(r["predicted"]) for r in kept]
+    assert sub["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    assert sub["macro_f1"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro",
+                                                        labels=range(len(names)),
+                                                        zero_division=0))
+    weights = restore.load_run(trained_run).class_weights
+    ce = [-np.log(float(r[f"p_{r['true']}"])) for r in kept]
+    w = [weights[t] for t in y_true]
+    assert sub["loss"] == pytest.approx(np.dot(w, ce) / np.sum(w), rel=1e-4)
+    assert any("without the 3 images that have a copy in Train" in n for n in result["notes"])
+    no_option = eval_report.evaluate_run(trained_run, "test")  # the run's config says False
+    assert "without_train_copies" not in no_option["metrics"]
+
+
+def test_missing_dataset_is_an_error_and_nothing_is_prepared(trained_run, tmp_path):
+    import shutil
+
+    from jaxmm import eval_report, paths
+    from jaxmm.errors import WorkdirError
+
+    work = tmp_path / "run"
+    shutil.copytree(trained_run, work, ignore=shutil.ignore_patterns(paths.EVAL_DIR))
+    with open(work / paths.CONFIG_FILE, encoding="utf-8") as f:
+        record = json.load(f)
+    assert record["config"]["demo"]["enabled"]  # the old code generated demo data here
+    record["config"].update(data_dir=str(tmp_path / "elsewhere" / "data"), prepared_dir="")
+    with open(work / paths.CONFIG_FILE, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    with pytest.raises(WorkdirError, match="no prepared dataset at .*elsewhere.*jaxmm.prepare"):
+        eval_report.evaluate_run(str(work), "test")
+    assert not os.path.exists(tmp_path / "elsewhere")

@@ -264,7 +264,7 @@ def test_links_loops_unreadable_and_undecodable_names(raw_small, tmp_path, monke
     assert any("locked" in line and "WARNING" in line for line in logs)
     on_disk = len(os.listdir(raw_small + "/CVPR_2024_dataset_Train/Black"))
     assert report["counts"]["train"]["Black"] == on_disk + 2
-    recs = _records(prepared.dataset_path(str(tmp_path / "out")), "train")
+    recs = _records(paths.dataset_path(str(tmp_path / "out")), "train")
     assert recs["CVPR_2024_dataset_Train/Black/more/linked item_1.png"]["text"] == b"linked item"
 
 

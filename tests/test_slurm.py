@@ -190,6 +190,6 @@ def test_evaluate_job(cluster, baseline):
                          ["--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=1", "--time=10"],
                          [], WORKDIR=str(workdir), SPLIT="test", CHECKPOINT="best")
     assert_completed(wait_done(job, cluster), cluster)
-    metrics = read_json(workdir / "eval" / "test" / "metrics.json")
+    metrics = read_json(workdir / "eval" / "best" / "test" / "metrics.json")
     assert metrics["split"] == "test", cluster.log(job)
     assert 0.0 <= metrics["accuracy"] <= 1.0

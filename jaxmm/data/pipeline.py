@@ -28,7 +28,7 @@ def load_splits(dataset_dir: str) -> dict:
     """Opens the prepared splits as random-access sources (images left encoded).
 
     Args:
-      dataset_dir: the TFDS dataset directory returned by prepare.ensure_prepared.
+      dataset_dir: the TFDS dataset directory returned by prepared.ensure_prepared.
 
     Returns:
       split name -> source with ``len`` and ``[i]`` giving dict(image=bytes, text=bytes,

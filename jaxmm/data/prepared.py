@@ -28,11 +28,6 @@ IMAGE_FORMATS = ("jpeg", "png")
 TMP_PREFIX = ".prepare-tmp-"  # OUT/.prepare-tmp-<pid>: the dataset being built
 
 
-def dataset_path(out_dir: str) -> str:
-    """The TFDS dataset folder inside an output root (see ``paths.dataset_path``)."""
-    return paths.dataset_path(out_dir)
-
-
 def _options(scan: builder_lib.Scan, stored_image_size: int, text_source: str,
              image_format: str) -> dict:
     return {"stored_image_size": stored_image_size, "text_source": text_source,
@@ -175,7 +170,7 @@ def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, worker
     scan = builder_lib.scan(data_dir, list(class_names), text_source)
     options = _options(scan, stored_image_size, text_source, image_format)
     fingerprint = _fingerprint(scan, options)
-    ds_dir = dataset_path(out_dir)
+    ds_dir = paths.dataset_path(out_dir)
     stored = files.read_json(os.path.join(out_dir, paths.FINGERPRINT_FILE)) or {}
     if stored.get("fingerprint") == fingerprint and os.path.isfile(
             os.path.join(ds_dir, "dataset_info.json")):
@@ -191,7 +186,7 @@ def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, worker
         enc = builder_lib.EncodeOptions(size=stored_image_size, fmt=image_format)
         b = _build(scan, tmp_root, enc, workers or _default_workers(scan))
         report = _report(scan, b, options, time.perf_counter() - start)
-        files.write_json(os.path.join(dataset_path(tmp_root), paths.META_FILE), {
+        files.write_json(os.path.join(paths.dataset_path(tmp_root), paths.META_FILE), {
             k: report[k] for k in ("class_names", "counts", "num_examples", "options",
                                    "duplicates")})
         _swap_in(tmp_root, out_dir)
