@@ -53,7 +53,7 @@ def from_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
         "macro_precision": _mean(precision, used),
         "macro_recall": _mean(recall, used),
         "macro_f1": _mean(f1, used),
-        "macro_classes": [name for name, u in zip(class_names, used) if u],
+        "macro_classes": [name for name, u in zip(class_names, used, strict=True) if u],
         "weighted_precision": float((precision * weights).sum()),
         "weighted_recall": float((recall * weights).sum()),
         "weighted_f1": float((f1 * weights).sum()),
