@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import losses, models, optim, parallel, paths, prepare, steps
+from jaxmm import checkpointing, losses, models, optim, parallel, paths, prepare, steps
 from jaxmm.data import pipeline
 from jaxmm.data import tokenizer as tokenizer_lib
 
@@ -30,6 +30,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          "(the folder holding CVPR_2024_dataset_Train, _Val and _Test)")
     parallel.local_batch_size(config.batch_size, "batch_size")
     parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
+    checkpointing.check_keep(config.keep_checkpoints)
+    if not isinstance(config.resume_step, int) or config.resume_step < -1:
+        raise ValueError(f"config.resume_step={config.resume_step!r}: a kept step, or -1 for "
+                         f"the newest readable one")
     if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
         raise ValueError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
                          f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")

@@ -36,8 +36,12 @@ _BEST_ITEMS = ("model", "progress", _DIGEST)
 _JSON_FILES = ("state/_METADATA", "model/_METADATA", "progress/metadata", "digest/metadata")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint cannot be read, or its arrays differ from the digest recorded at saving."""
+
+
+class DataPositionError(ValueError):
+    """A checkpoint's data-iterator position lies outside the current training data."""
 
 
 class _IteratorSnapshot:
@@ -141,6 +145,8 @@ class Checkpoints:
         Raises:
           FileNotFoundError: ``step`` is not kept (the message lists the kept steps).
           CheckpointError: the chosen step, or every kept step, cannot be read or trusted.
+          DataPositionError: the saved data position does not fit ``data_iter`` (no fallback:
+            an older step was saved on the same data).
         """
         kept = self.steps()
         if step is not None and step not in kept:
@@ -177,7 +183,12 @@ class Checkpoints:
             items[_DIGEST] = ocp.args.JsonRestore()
         try:
             restored = self._latest.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - any failure means "this step is unreadable"
+        except IndexError as e:  # Grain: the saved position is past the end of the data.
+            raise DataPositionError(
+                f"checkpoint step {step}: its data position does not fit the current training "
+                f"data ({e}); the prepared data, batch_size or num_epochs changed since it was "
+                f"saved") from None
+        except Exception as e:  # noqa: BLE001 - any other failure means "unreadable"
             raise _unreadable(step_dir, step, e) from e
         state = _to_numpy(restored.state)
         _verify(step_dir, step, state, restored[_DIGEST] if has_digest else None)

@@ -30,8 +30,8 @@ _LIVE_STATES = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", 
                 "SIGNALING", "STAGE_OUT")
 
 
-class WorkdirLockedError(RuntimeError):
-    """Another live training run holds the workdir."""
+class WorkdirLockedError(BlockingIOError):
+    """Another live training run holds the workdir (an OSError, like a refused file lock)."""
 
 
 @dataclasses.dataclass

@@ -178,3 +178,11 @@ def test_a_best_model_is_saved_even_when_a_later_stale_one_exists(tmp_path):
     ckpts.save_best(5, _variables(5), {"epoch": 1})
     ckpts.close()
     assert checkpointing.restore_model(workdir, "best")[1] == 5
+
+
+def test_a_data_position_past_the_end_of_the_data_is_one_line_without_fallback(tmp_path):
+    _save_run(str(tmp_path))
+    shorter = iter(grain.MapDataset.range(15).to_iter_dataset())  # The data shrank.
+    with pytest.raises(checkpointing.DataPositionError, match="step 20: its data position") as e:
+        checkpointing.Checkpoints(str(tmp_path), 2).restore(_state(0, 0), shorter)
+    assert "\n" not in str(e.value)
