@@ -4,7 +4,8 @@ Per step: one pmapped train step; metrics stay on the devices until a log step. 
 exact validation pass, best-model tracking and early stopping. Checkpoints every
 ``checkpoint_every_steps``, at every epoch end and when SIGTERM/SIGUSR1 arrives; a workdir that
 holds a checkpoint resumes from it (data position included), so a killed run loses at most the
-steps since the last save and repeats them exactly.
+steps since the last save and repeats them exactly. One run at a time holds the workdir
+(``lock``); a resume is checked against the run record first (``run_record``).
 """
 
 import contextlib

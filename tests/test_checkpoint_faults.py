@@ -186,3 +186,26 @@ def test_a_data_position_past_the_end_of_the_data_is_one_line_without_fallback(t
     with pytest.raises(checkpointing.DataPositionError, match="step 20: its data position") as e:
         checkpointing.Checkpoints(str(tmp_path), 2).restore(_state(0, 0), shorter)
     assert "\n" not in str(e.value)
+
+
+def test_evaluate_and_predict_without_best_model_name_what_exists(tmp_path):
+    # A run stopped before its first validation: config.json and training steps, no best/.
+    import subprocess
+    import sys
+
+    from tests.test_loop import ROOT, _env
+
+    workdir = str(tmp_path / "run")
+    _save_run(workdir)
+    with open(os.path.join(workdir, paths.CONFIG_FILE), "w") as f:
+        f.write('{"config": {}, "class_names": ["a", "b"]}')
+    image = tmp_path / "x.png"
+    image.write_bytes(b"never read: the checkpoint is looked up first")
+    for command in (["jaxmm.evaluate", "--workdir", workdir],
+                    ["jaxmm.predict", "--workdir", workdir, str(image)]):
+        out = subprocess.run([sys.executable, "-m", *command], env=_env(1), capture_output=True,
+                             text=True, timeout=300, cwd=ROOT)
+        lines = [line for line in out.stderr.splitlines() if "error:" in line]
+        assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+        assert "no best checkpoint" in lines[0] and "[10, 20]" in lines[0], lines[0]
+        assert "--checkpoint latest" in lines[0] and "(best)" not in out.stdout
