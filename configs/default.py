@@ -74,7 +74,9 @@ def get_config():
     c.exclude_test_duplicates = False  # Evaluate also scores test without its copies of Train.
     c.patience = 3  # Epochs without improvement before stopping; 0 = never stop early.
     c.checkpoint_every_steps = 200  # Also saved at every epoch end and on SIGTERM/SIGUSR1.
-    c.keep_checkpoints = 2  # Latest checkpoints kept (the best one is kept separately).
+    c.keep_checkpoints = 2  # Latest checkpoints kept, at least 1 (the best one is separate).
+    c.resume_step = -1  # Kept step to resume from; -1 = newest readable (older on failure).
+    c.allow_data_change = False  # Resume even if the prepared data changed since the start.
     c.log_every_steps = 20  # Metrics are fetched from the devices only at these steps.
     c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
     c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.

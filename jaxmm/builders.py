@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import losses, models, optim, parallel, paths, steps
+from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps
 from jaxmm.data import pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
@@ -57,6 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_values(config)
     parallel.local_batch_size(config.batch_size, "batch_size")
     parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
+    checkpointing.check_keep(config.keep_checkpoints)
+    if not isinstance(config.resume_step, int) or config.resume_step < -1:
+        raise ConfigError(f"config.resume_step={config.resume_step!r}: a kept step, or -1 for "
+                         f"the newest readable one")
     if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
         raise ConfigError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
                           f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")

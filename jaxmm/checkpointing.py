@@ -3,26 +3,46 @@ separately, the best model by the validation metric.
 
 Layout inside the workdir:
 
-    checkpoints/<step>/{state, data_iter, progress}   latest K, for resuming training
-    best/<step>/{model, progress}                      params + batch_stats only, for evaluation
+    checkpoints/<step>/{state, data_iter, progress, digest}   latest K, for resuming training
+    best/<step>/{model, progress, digest}                      params + batch_stats only
+    set_aside/<checkpoints|best>-<step>/                       steps moved out of the way
 
 Keeping "best" in its own manager avoids orbax's trap where ``max_to_keep`` with a ``best_fn``
 can delete the newest checkpoint, and keeps the inference copy small (no optimizer state).
-Every process calls every method here, as orbax requires; only process 0 writes shared files.
+``digest`` records a SHA-256 of every saved array; a restore recomputes it, so a flipped byte
+is an error naming the step instead of other numbers. A restored step never has later steps
+beside it: those (an unreadable newest step, or a best model from a future that is being
+replayed) are set aside, so the replay saves its own.
+Every process calls every method here, as orbax requires; only process 0 moves files.
 """
 
 import json
 import os
+import re
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 
-from jaxmm.errors import WorkdirError
+from jaxmm import digests, paths
+from jaxmm.errors import ConfigError, UserError, WorkdirError
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
+_DIGEST = "digest"
+_TRAIN_ITEMS = ("state", "data_iter", "progress", _DIGEST)
+_BEST_ITEMS = ("model", "progress", _DIGEST)
+# JSON files orbax parses when restoring; a broken one is named in the error.
+_JSON_FILES = ("state/_METADATA", "model/_METADATA", "progress/metadata", "digest/metadata")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint cannot be read, or its arrays differ from the digest recorded at saving."""
+
+
+class DataPositionError(UserError, ValueError):
+    """A checkpoint's data-iterator position lies outside the current training data."""
 
 
 class _IteratorSnapshot:
@@ -46,20 +66,32 @@ def _manager(path: epath.Path, items: tuple, keep: int) -> ocp.CheckpointManager
     return ocp.CheckpointManager(path, options=options, item_names=items)
 
 
+def check_keep(keep: int) -> None:
+    """Rejects a ``keep_checkpoints`` below 1 (nothing kept = nothing to resume from)."""
+    if not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"config.keep_checkpoints={keep!r}: keep at least 1 training "
+                         f"checkpoint, or a stopped or requeued run has nothing to resume from")
+
+
 class Checkpoints:
     """The latest-K and best checkpoint managers of one workdir."""
 
     def __init__(self, workdir: str, keep: int):
-        root = epath.Path(os.path.abspath(workdir))
-        self._latest = _manager(root / LATEST_DIR, ("state", "data_iter", "progress"), keep)
-        self._best = _manager(root / BEST_DIR, ("model", "progress"), 1)
+        check_keep(keep)
+        self.root = epath.Path(os.path.abspath(workdir))
+        self._latest = _manager(self.root / paths.CHECKPOINTS_DIR, _TRAIN_ITEMS, keep)
+        self._best = _manager(self.root / paths.BEST_DIR, _BEST_ITEMS, 1)
 
     def latest_step(self) -> int | None:
         """Step of the newest complete training checkpoint, or None on a fresh start."""
         return self._latest.latest_step()
 
+    def steps(self) -> list[int]:
+        """The kept training steps, oldest first."""
+        return sorted(self._latest.all_steps())
+
     def save(self, step: int, state: dict, iterator_state, progress: dict) -> None:
-        """Saves a host-side train state asynchronously.
+        """Saves a host-side train state asynchronously (a step already saved is kept).
 
         Args:
           step: the train step the state is at.
@@ -72,28 +104,109 @@ class Checkpoints:
         self._latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=grain_checkpoint.CheckpointSave(_IteratorSnapshot(iterator_state)),
-            progress=ocp.args.JsonSave(progress)))
+            progress=ocp.args.JsonSave(progress),
+            digest=ocp.args.JsonSave(digests.tree_digest(state))))
 
     def save_best(self, step: int, variables: dict, progress: dict) -> None:
-        """Saves the inference variables {params, batch_stats} of a new best model."""
-        self._best.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(variables), progress=ocp.args.JsonSave(progress)),
-            force=True)
+        """Saves the inference variables {params, batch_stats} of a new best model.
 
-    def restore(self, state_template: dict, data_iter) -> tuple[dict, dict]:
-        """Restores the newest train state into ``state_template``'s structure and moves
-        ``data_iter`` to the saved position.
+        A best model already saved for this step or a later one (a replayed step, or a stale
+        copy) is replaced.
+        """
+        self._best.wait_until_finished()
+        for old in self._best.all_steps():
+            if old >= step:
+                self._best.delete(old)
+        self._best.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(variables), progress=ocp.args.JsonSave(progress),
+            digest=ocp.args.JsonSave(digests.tree_digest(variables))), force=True)
+
+    def start_fresh(self) -> list[str]:
+        """Before training from scratch: sets aside best models left by an earlier run.
 
         Returns:
-          (state, progress) with NumPy leaves.
+          The folders that were moved (empty when there were none).
         """
-        step = self._latest.latest_step()
-        abstract = _abstract(state_template)
-        restored = self._latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data_iter=grain_checkpoint.CheckpointRestore(data_iter),
-            progress=ocp.args.JsonRestore()))
-        return _to_numpy(restored.state), dict(restored.progress)
+        return self._set_aside_after(0)
+
+    def restore(self, state_template: dict, data_iter, step: int | None = None
+                ) -> tuple[dict, dict]:
+        """Restores a train state into ``state_template``'s structure and moves ``data_iter``.
+
+        Args:
+          state_template: a NumPy pytree of the train state's structure, shapes and dtypes.
+          data_iter: the grain iterator to move to the saved position.
+          step: the kept step to restore; None = the newest readable one, falling back to
+            older kept steps with a warning naming each unreadable step and file.
+
+        Returns:
+          (state, progress) with NumPy leaves. Kept steps (training and best) later than the
+          restored one are set aside, so the replay saves its own.
+
+        Raises:
+          FileNotFoundError: ``step`` is not kept (the message lists the kept steps).
+          CheckpointError: the chosen step, or every kept step, cannot be read or trusted.
+          DataPositionError: the saved data position does not fit ``data_iter`` (no fallback:
+            an older step was saved on the same data).
+        """
+        kept = self.steps()
+        if step is not None and step not in kept:
+            raise WorkdirError(f"{self.root / paths.CHECKPOINTS_DIR}: no checkpoint for "
+                                    f"step {step} (kept steps: {kept})")
+        errors = []
+        for candidate in [step] if step is not None else kept[::-1]:
+            try:
+                out = self._restore_step(candidate, state_template, data_iter)
+            except CheckpointError as e:
+                errors.append(str(e))
+                if step is None and candidate != kept[0]:
+                    logging.warning("%s; falling back to the previous kept step", e)
+                continue
+            for path in self._set_aside_after(candidate):
+                logging.warning("set aside %s (later than the restored step %d)", path,
+                                candidate)
+            return out
+        start_over = f"move {self.root / paths.CHECKPOINTS_DIR} away to start over"
+        others = [s for s in kept if s != step]
+        if step is not None and others:
+            raise CheckpointError(f"{errors[0]}; resume from another kept step with "
+                                  f"--config.resume_step={others[-1]} (kept: {others})")
+        raise CheckpointError(f"no kept checkpoint can be read ({'; '.join(errors)}); "
+                              f"{start_over}")
+
+    def _restore_step(self, step: int, state_template: dict, data_iter) -> tuple[dict, dict]:
+        step_dir = self.root / paths.CHECKPOINTS_DIR / str(step)
+        has_digest = (step_dir / _DIGEST).exists()
+        items = dict(state=ocp.args.StandardRestore(_to_numpy(state_template)),
+                     data_iter=grain_checkpoint.CheckpointRestore(data_iter),
+                     progress=ocp.args.JsonRestore())
+        if has_digest:
+            items[_DIGEST] = ocp.args.JsonRestore()
+        try:
+            restored = self._latest.restore(step, args=ocp.args.Composite(**items))
+        except IndexError as e:  # Grain: the saved position is past the end of the data.
+            raise DataPositionError(
+                f"checkpoint step {step}: its data position does not fit the current training "
+                f"data ({e}); the prepared data, batch_size or num_epochs changed since it was "
+                f"saved") from None
+        except Exception as e:  # noqa: BLE001 - any other failure means "unreadable"
+            raise _unreadable(step_dir, step, e) from e
+        state = _to_numpy(restored.state)
+        _verify(step_dir, step, state, restored[_DIGEST] if has_digest else None)
+        return state, dict(restored.progress)
+
+    def _set_aside_after(self, step: int) -> list[str]:
+        later = [(sub, manager, s) for sub, manager in ((paths.CHECKPOINTS_DIR, self._latest),
+                                                       (paths.BEST_DIR, self._best))
+                 for s in manager.all_steps() if s > step]
+        if not later:
+            return []
+        self.wait()
+        moved = [_set_aside(self.root, sub, s) for sub, _, s in later]
+        ocp.multihost.sync_global_processes("jaxmm_set_aside")
+        self._latest.reload()
+        self._best.reload()
+        return moved
 
     def wait(self) -> None:
         """Blocks until asynchronous saves are on disk."""
@@ -106,21 +219,71 @@ class Checkpoints:
         self._best.close()
 
 
-def _abstract(tree):
-    return _to_numpy(tree)
+def _set_aside(root: epath.Path, sub: str, step: int) -> str:
+    dest = os.path.join(root, paths.SET_ASIDE_DIR, f"{sub}-{step}")
+    n = 1
+    while os.path.exists(dest if n == 1 else f"{dest}.{n}"):
+        n += 1
+    dest = dest if n == 1 else f"{dest}.{n}"
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(os.path.join(root, sub, str(step)), dest)
+    return dest
 
 
 def _to_numpy(tree):
-    import jax
-
     return jax.tree.map(np.asarray, tree)
+
+
+def _unreadable(step_dir: epath.Path, step: int, error: Exception) -> CheckpointError:
+    """A one-line error naming the step and, where it can be told, the broken file."""
+    where, reason = _broken_file(step_dir)
+    if where is None:
+        text = " ".join(str(error).split()) or type(error).__name__
+        files = re.findall(r'local file "([^"]+)"', text)
+        where = files[-1] if files else str(step_dir)
+        # Tensorstore repeats the path in every clause; the array key is what tells them apart.
+        text = re.sub(r'( in OCDBT database)? (at|of) local file "[^"]+"', "", text)
+        reason = f"{type(error).__name__}: {text[:240]}"
+    return CheckpointError(f"checkpoint step {step} cannot be read: {where}: {reason}")
+
+
+def _broken_file(step_dir: epath.Path) -> tuple[str | None, str | None]:
+    """The first missing item folder or unparsable JSON file of a step, if any."""
+    items = _BEST_ITEMS if (step_dir / "model").exists() else _TRAIN_ITEMS
+    for item in items:
+        if item != _DIGEST and not (step_dir / item).is_dir():
+            return str(step_dir / item), "missing"
+    for name in _JSON_FILES:
+        path = step_dir / name
+        if (step_dir / name.split("/")[0]).is_dir():
+            if not path.exists():
+                return str(path), "missing"
+            try:
+                json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                return str(path), f"not valid JSON ({e})"
+    return None, None
+
+
+def _verify(step_dir: epath.Path, step: int, tree: dict, recorded: dict | None) -> None:
+    """Compares the restored arrays with the digest recorded when the step was saved."""
+    if recorded is None:
+        logging.warning("checkpoint step %d (%s) has no recorded digest (saved by an older "
+                        "version); its content is not verified", step, step_dir)
+        return
+    changed = digests.mismatches(tree, recorded)
+    if changed:
+        raise CheckpointError(
+            f"checkpoint step {step} is corrupt: {step_dir}: the arrays under "
+            f"{', '.join(changed)} differ from the digest recorded when it was saved")
 
 
 def available(workdir: str) -> dict:
     """Steps available for evaluation: {"best": step|None, "latest": step|None, "all": [...]}."""
     root = epath.Path(os.path.abspath(workdir))
     out = {"best": None, "latest": None, "all": []}
-    for name, sub in (("best", BEST_DIR), ("latest", LATEST_DIR)):
+    for name, sub in (("best", paths.BEST_DIR), ("latest", paths.CHECKPOINTS_DIR)):
         if (root / sub).exists():
             steps = ocp.utils.checkpoint_steps(root / sub)
             if steps:
@@ -131,7 +294,7 @@ def available(workdir: str) -> dict:
 
 
 def restore_model(workdir: str, which: str = "best") -> tuple[dict, int]:
-    """Restores only what inference needs: {params, batch_stats} as NumPy arrays.
+    """Restores only what inference needs: {params, batch_stats} as NumPy arrays, verified.
 
     Args:
       workdir: the training workdir.
@@ -141,25 +304,39 @@ def restore_model(workdir: str, which: str = "best") -> tuple[dict, int]:
       (variables, step).
 
     Raises:
-      FileNotFoundError: with a one-line message when the workdir has no such checkpoint.
+      FileNotFoundError: one line listing what the workdir holds when it has no such
+        checkpoint (also when ``best/`` is missing: the latest step is never used instead).
+      CheckpointError: the checkpoint cannot be read or differs from its recorded digest.
     """
     root = epath.Path(os.path.abspath(workdir))
     have = available(workdir)
-    if which == "best" and have["best"] is not None:
-        path = root / BEST_DIR / str(have["best"]) / "model"
-        return _restore_tree(path), have["best"]
-    if which == "best" or which == "latest":
-        step = have["latest"]
-    else:
-        step = int(which)
-        if step not in have["all"]:
-            step = None
-    if step is None:
-        raise WorkdirError(f"{workdir}: no '{which}' checkpoint (have: best={have['best']}, "
-                           f"latest steps={have['all']})")
-    tree = _restore_tree(root / LATEST_DIR / str(step) / "state",
-                         keys=("params", "batch_stats"))
-    return tree, step
+    if which == "best":
+        step = have["best"]
+        if step is None:
+            raise WorkdirError(
+                f"{workdir}: no best checkpoint ({paths.BEST_DIR}/ is missing or empty: the "
+                f"run stopped before its first validation, or the folder was removed); kept "
+                f"training steps: {have['all']}; choose one with --checkpoint latest or "
+                f"--checkpoint STEP")
+        return _restore_variables(root / paths.BEST_DIR / str(step), step, "model"), step
+    step = have["latest"] if which == "latest" else int(which)
+    if step is None or step not in have["all"]:
+        raise WorkdirError(f"{workdir}: no '{which}' checkpoint (have: best={have['best']},"
+                                f" latest steps={have['all']})")
+    step_dir = root / paths.CHECKPOINTS_DIR / str(step)
+    return _restore_variables(step_dir, step, "state", keys=("params", "batch_stats")), step
+
+
+def _restore_variables(step_dir: epath.Path, step: int, item: str, keys=None) -> dict:
+    try:
+        tree = _restore_tree(step_dir / item, keys)
+        recorded = None
+        if (step_dir / _DIGEST).exists():
+            recorded = ocp.JsonCheckpointHandler().restore(step_dir / _DIGEST)
+    except Exception as e:  # noqa: BLE001 - any failure means "this step is unreadable"
+        raise _unreadable(step_dir, step, e) from e
+    _verify(step_dir, step, tree, recorded)
+    return tree
 
 
 def _restore_tree(path: epath.Path, keys: tuple | None = None) -> dict:
@@ -169,14 +346,8 @@ def _restore_tree(path: epath.Path, keys: tuple | None = None) -> dict:
     metadata = handler.metadata(path).tree
     if keys is not None:
         metadata = {k: metadata[k] for k in keys}
-    targets = _numpy_targets(metadata)
+    targets = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
     tree = handler.restore(path, args=ocp.args.PyTreeRestore(
         item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
         partial_restore=True))
     return _to_numpy(tree)
-
-
-def _numpy_targets(metadata):
-    import jax
-
-    return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)

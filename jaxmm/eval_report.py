@@ -128,7 +128,11 @@ def ablation_table(rows: list[dict]) -> str:
 
 
 def classification_report(rows: list[dict], class_names: list) -> str:
-    """scikit-learn's classification report on per-example rows (``true``, ``predicted``)."""
+    """scikit-learn's classification report on per-example rows (``true``, ``predicted``).
+
+    Pass the metrics' ``macro_classes`` (present in truth or prediction) as ``class_names``, so
+    the report's macro average is the one of metrics.json.
+    """
     from sklearn import metrics as sk_metrics
 
     return sk_metrics.classification_report(
@@ -155,7 +159,7 @@ def write_reports(out_dir: str, metrics: dict, rows: list[dict], image_of,
     """
     os.makedirs(out_dir, exist_ok=True)
     names = metrics["confusion_matrix"]["labels"]
-    report = classification_report(rows, names)
+    report = classification_report(rows, metrics.get("macro_classes", names))
     files.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "classification_report.txt"), "w", encoding="utf-8") as f:
         f.write(report)

@@ -4,9 +4,11 @@ Per step: one pmapped train step; metrics stay on the devices until a log step. 
 exact validation pass, best-model tracking and early stopping. Checkpoints every
 ``checkpoint_every_steps``, at every epoch end and when SIGTERM/SIGUSR1 arrives; a workdir that
 holds a checkpoint resumes from it (data position included), so a killed run loses at most the
-steps since the last save and repeats them exactly.
+steps since the last save and repeats them exactly. One run at a time holds the workdir
+(``lock``); a resume is checked against the run record first (``run_record``).
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -18,7 +20,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxmm import builders, checkpointing, files, optim, parallel, paths, scoring, steps, train_log
+from jaxmm import (
+    builders,
+    checkpointing,
+    files,
+    lock,
+    optim,
+    parallel,
+    paths,
+    run_record,
+    scoring,
+    steps,
+    train_log,
+)
 from jaxmm.data import pipeline
 from jaxmm.errors import DivergedError
 from jaxmm.run_state import RunProgress, Status
@@ -92,18 +106,26 @@ def _warn_config_changes(saved: dict, config) -> None:
 
 def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.TrainState,
                                                                      RunProgress]:
-    """The newest checkpoint (data position included), else a fresh state with the pretrained
-    towers. Either way the state reaches the devices in one host-to-device copy."""
-    if ckpts.latest_step() is None:
+    """The newest readable checkpoint (or ``config.resume_step``; data position included),
+    else a fresh state with the pretrained towers. Either way the state reaches the devices in
+    one host-to-device copy."""
+    resume_step = config.resume_step if config.resume_step >= 0 else None
+    if ckpts.latest_step() is None and resume_step is None:
+        for path in ckpts.start_fresh():
+            logging.warning("fresh start: set aside %s, left by an earlier run", path)
         variables = builders.init_variables(config, setup.model, log=logging.info)
         return (builders.replicated_state(setup.model, setup.tx, variables),
                 RunProgress(config=config.to_dict()))
     template = builders.host_state_template(config, setup.model, setup.tx)
-    host, saved = ckpts.restore(template, train_iter)
+    host, saved = ckpts.restore(template, train_iter, resume_step)
     progress = RunProgress.from_json(saved)
+    step = int(host["step"])
     if progress.status == Status.PREEMPTED:  # Saved on a stop signal: carry on training.
         progress.status = Status.RUNNING
-    step = int(host["step"])
+    if progress.status == Status.FINISHED and step < setup.total_steps:
+        logging.info("continuing a finished run: num_epochs is now %d, %d more epochs to train",
+                     config.num_epochs, (setup.total_steps - step) // setup.steps_per_epoch)
+        progress.status = Status.RUNNING
     logging.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
     _warn_config_changes(progress.config, config)
     progress.config = config.to_dict()
@@ -213,15 +235,49 @@ class _Run:
         return c.patience > 0 and p.bad_epochs >= c.patience
 
 
-def _write_run_record(config, workdir: str, setup: Setup) -> None:
-    """config.json (what inference rebuilds the run from) and the run's own tokenizer."""
+def _write_run_record(config, workdir: str, setup: Setup, data_record: dict) -> None:
+    """config.json (what inference rebuilds the run from), written when the run starts."""
     data = setup.data
-    files.write_json(paths.in_workdir(workdir, paths.CONFIG_FILE), {
+    run_record.write(workdir, {
         "config": config.to_dict(), "run": train_log.run_info(), "class_names": data.class_names,
         "class_weights": setup.class_weights.tolist(), "num_examples": data.num_examples,
         "steps_per_epoch": setup.steps_per_epoch,
-        "preprocessing": builders.preprocessing(config, data.meta)})
-    builders.keep_tokenizer(setup.tokenizer, workdir)
+        "preprocessing": builders.preprocessing(config, data.meta), "data": data_record})
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """Holds the workdir lock (process 0 takes it; every process learns if it failed)."""
+    held = lock.WorkdirLock(workdir, owner=jax.process_index() == 0)
+    error = None
+    try:
+        held.acquire()
+    except lock.WorkdirLockedError as e:
+        error = e
+    if parallel.any_process(error is not None):
+        raise error or lock.WorkdirLockedError(
+            f"{workdir}: process 0 could not lock the workdir (its log names the holder)")
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def _start(config, workdir: str) -> "_Run":
+    """Builds the run; a resume is checked against the run record before anything is written,
+    which is written only when the run starts (or predates run records)."""
+    setup = build(config, workdir)
+    resuming = (checkpointing.available(workdir)["latest"] is not None
+                or config.resume_step >= 0)
+    data = run_record.data_record(setup.data.dataset_dir, setup.data.meta)
+    if resuming:
+        run_record.check_resume(workdir, data, config.allow_data_change)
+    run = _Run(config, workdir, setup)
+    if train_log.is_writer():
+        if not resuming or run_record.read(workdir) is None:
+            _write_run_record(config, workdir, setup, data)
+        builders.keep_tokenizer(setup.tokenizer, workdir)
+    return run
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -237,10 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     os.makedirs(workdir, exist_ok=True)
     signals = StopSignals()
-    run = _Run(config, workdir, build(config, workdir))
+    with _workdir_lock(workdir):
+        return _train(config, workdir, signals)
+
+
+def _train(config, workdir: str, signals: StopSignals) -> dict:
+    run = _start(config, workdir)
     setup, spe, p = run.setup, run.setup.steps_per_epoch, run.progress
-    if train_log.is_writer():
-        _write_run_record(config, workdir, setup)
     batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
     compile_s = None
     while p.status == Status.RUNNING and run.step < setup.total_steps:

@@ -2,6 +2,11 @@
 
 Devices psum their confusion matrices, so every metric here counts each example once, whatever
 the batch size, device count or process count.
+
+Macro averages and balanced accuracy follow one rule, scikit-learn's default: they average over
+the classes present in the truth or in the predictions of the evaluated split. A class that
+neither occurs nor is predicted (e.g. a rare class missing from a small split) is left out of
+every average instead of counting as zero.
 """
 
 from collections.abc import Sequence
@@ -14,6 +19,10 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
 
 
+def _mean(values: np.ndarray, used: np.ndarray) -> float:
+    return float(values[used].mean()) if used.any() else 0.0
+
+
 def from_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
     """Accuracy, balanced accuracy, macro/weighted precision-recall-F1 and per-class metrics.
 
@@ -22,7 +31,10 @@ def from_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
       class_names: the K class names in label order.
 
     Returns:
-      A JSON-ready dict; values match scikit-learn's with ``zero_division=0``.
+      A JSON-ready dict; values match scikit-learn's with ``zero_division=0``. Macro averages
+      and balanced accuracy cover the classes present in truth or prediction (listed under
+      ``macro_classes``), so balanced accuracy always equals macro recall; per-class rows cover
+      all K classes.
     """
     cm = np.asarray(confusion, dtype=np.float64)
     tp = np.diag(cm)
@@ -32,15 +44,16 @@ def from_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
     recall = _safe_div(tp, support)
     f1 = _safe_div(2 * precision * recall, precision + recall)
     total = cm.sum()
-    present = support > 0
+    used = (support > 0) | (predicted > 0)
     weights = _safe_div(support, np.full_like(support, total))
     return {
         "num_examples": int(round(total)),
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "balanced_accuracy": _mean(recall, used),
+        "macro_precision": _mean(precision, used),
+        "macro_recall": _mean(recall, used),
+        "macro_f1": _mean(f1, used),
+        "macro_classes": [name for name, u in zip(class_names, used, strict=True) if u],
         "weighted_precision": float((precision * weights).sum()),
         "weighted_recall": float((recall * weights).sum()),
         "weighted_f1": float((f1 * weights).sum()),

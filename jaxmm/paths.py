@@ -19,6 +19,8 @@ PREDICTIONS_FILE = "predictions.csv"  # jaxmm.predict's CSV for folders when --o
 CHECKPOINTS_DIR = "checkpoints"  # latest K train states + data position (orbax)
 BEST_DIR = "best"  # params + batch statistics of the best validation epoch (orbax)
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
+SET_ASIDE_DIR = "set_aside"  # checkpoints moved out of the way (unreadable, or from a replay)
+LOCK_FILE = "train.lock"  # host, pid and Slurm job of the training run using the workdir
 
 # --- A prepared dataset (prepare's output root and the TFDS dataset folder inside it) ----------
 REPORT_FILE = "prepare_report.json"  # in the output root: counts, skipped files, text sources

@@ -58,5 +58,22 @@ def test_best_is_kept_separately_and_restores_without_optimizer(tmp_path):
 
 
 def test_missing_workdir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no 'best' checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
         checkpointing.restore_model(str(tmp_path / "nothing"), "best")
+
+
+def test_missing_best_is_an_error_listing_what_exists_never_the_latest_step(tmp_path):
+    # A run stopped before its first validation has training steps but no best model.
+    ckpts = checkpointing.Checkpoints(str(tmp_path), keep=2)
+    for step in (3, 6):
+        ckpts.save(step, _state(step, step), {"next_index": step}, {"epoch": 0})
+    ckpts.close()
+    with pytest.raises(FileNotFoundError, match=r"no best checkpoint .*\[3, 6\]") as err:
+        checkpointing.restore_model(str(tmp_path), "best")
+    assert "\n" not in str(err.value) and "--checkpoint latest" in str(err.value)
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keeping_no_checkpoint_is_rejected(tmp_path, keep):
+    with pytest.raises(ValueError, match=f"keep_checkpoints={keep}: keep at least 1"):
+        checkpointing.Checkpoints(str(tmp_path), keep=keep)
