@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from jaxmm import checkpointing, lock, loop, paths, run_record
+from jaxmm import checkpointing, errors, lock, loop, paths, run_record
 from tests.test_loop import tiny_config
 
 
@@ -140,7 +140,7 @@ def test_a_resume_against_another_class_list_is_refused_before_anything_is_writt
     workdir = _copy(reference, tmp_path)
     _edit_record(workdir, lambda r: r.update(class_names=r["class_names"][:-1] + ["Other"]))
     before = _snapshot(workdir)
-    with pytest.raises(ValueError, match="a resume cannot change the class list"):
+    with pytest.raises(errors.WorkdirError, match="a resume cannot change the class list"):
         loop.train_and_evaluate(tiny_config(data_dir), workdir)
     assert _snapshot(workdir) == before
 
@@ -148,10 +148,11 @@ def test_a_resume_against_another_class_list_is_refused_before_anything_is_writt
 def test_changed_data_is_refused_naming_the_change_unless_allowed(data_dir, reference,
                                                                   tmp_path):
     workdir = _copy(reference, tmp_path)
-    train = json.load(open(os.path.join(workdir, paths.CONFIG_FILE)))["data"]["num_examples"][
-        "train"]
+    data = json.load(open(os.path.join(workdir, paths.CONFIG_FILE)))["data"]
+    assert data["fingerprint"] and data["counts"]["train"]  # What prepare computed.
+    train = data["num_examples"]["train"]
     _edit_record(workdir, lambda r: r["data"]["num_examples"].update(train=train - 5))
-    with pytest.raises(ValueError, match=rf"num_examples.train: {train - 5} -> {train}.*"
+    with pytest.raises(errors.WorkdirError, match=rf"num_examples.train: {train - 5} -> {train}.*"
                                          r"allow_data_change=True") as err:
         loop.train_and_evaluate(tiny_config(data_dir), workdir)
     assert "\n" not in str(err.value)
