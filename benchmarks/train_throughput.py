@@ -118,7 +118,8 @@ def build_state(config, num_classes: int = len(TRAIN_COUNTS)):
     model = builders.make_model(config, num_classes, vocab_size(config))
     tx = builders.make_optimizer(config, model, steps_per_epoch=100, total_steps=10_000)
     variables = builders.init_variables(config, model, log=lambda line: None)
-    weights = builders.class_weights(config, list(synthetic.CLASSES), TRAIN_COUNTS)
+    weights = builders.class_weights(config, list(synthetic.CLASSES),
+                                     dict(zip(synthetic.CLASSES, TRAIN_COUNTS, strict=True)))
     return builders.replicated_state(model, tx, variables), builders.train_step_fn(config, weights)
 
 

@@ -294,7 +294,6 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
     y_pred = [names.index(r["predicted"]) for r in kept]
     assert sub["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
     assert sub["macro_f1"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro",
-                                                        labels=range(len(names)),
                                                         zero_division=0))
     weights = restore.load_run(trained_run).class_weights
     ce = [-np.log(float(r[f"p_{r['true']}"])) for r in kept]
