@@ -32,13 +32,15 @@ def main(argv):
     run_table.add_overrides(rows)
     configs = [r["_config"] for r in rows if r["_config"]]
     metric = configs[0].get("early_stopping_metric", "macro_f1") if configs else "macro_f1"
-    rows = run_table.sort_rows(rows, _SORT.value or f"val_{metric}")
-    print(run_table.text_table(rows))
+    sort = _SORT.value or f"val_{metric}"
+    rows = run_table.sort_rows(rows, sort)
+    columns = run_table.short_columns(sort)
+    print(run_table.text_table(rows, columns))
     notes += [f"{r['run']}: {n}" for r in rows for n in r["notes"]]
     for note in notes:
         print(f"note: {note}")
     out = _OUT.value or (dirs[0] if len(dirs) == 1 else ".")
-    for path in run_table.write_outputs(rows, out, metric):
+    for path in run_table.write_outputs(rows, out, metric, columns):
         print(f"wrote {path}")
 
 

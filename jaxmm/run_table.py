@@ -16,8 +16,8 @@ from jaxmm import files, paths, sweep
 
 # A run without a closing summary counts as running while it wrote something this recently.
 DEFAULT_STALE_MINUTES = 30.0
-VAL_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
-TEST_KEYS = ("macro_f1", "accuracy", "loss")
+VAL_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1", "loss")
+TEST_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
 LOWER_IS_BETTER = ("loss", "ce")
 _STATUS_NAMES = {"finished": "finished", "early_stopped": "early-stopped",
                  "preempted": "preempted"}
@@ -220,9 +220,20 @@ def sort_rows(rows: list[dict], column: str) -> list[dict]:
     return sorted(have, key=lambda r: sign * r[column]) + rest
 
 
+# Every column goes to the CSV; the terminal and Markdown tables show the short list (plus the
+# sort column).
 COLUMNS = ("run", "overrides", "status", "epochs", "best_epoch",
            *(f"val_{k}" for k in VAL_KEYS), *(f"test_{k}" for k in TEST_KEYS),
            "test_checkpoint", "samples_per_s")
+SHORT_COLUMNS = ("run", "overrides", "status", "epochs", "best_epoch", "val_macro_f1",
+                 "val_accuracy", "val_loss", "test_macro_f1", "test_accuracy", "samples_per_s")
+
+
+def short_columns(sort_column: str) -> tuple:
+    """The columns of the printed table: the short list, with the sort column."""
+    if sort_column in SHORT_COLUMNS or sort_column not in COLUMNS:
+        return SHORT_COLUMNS
+    return (*SHORT_COLUMNS[:5], sort_column, *SHORT_COLUMNS[5:])
 
 
 def _cell(value) -> str:
@@ -233,7 +244,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def text_table(rows: list[dict], columns=COLUMNS) -> str:
+def text_table(rows: list[dict], columns=SHORT_COLUMNS) -> str:
     """A fixed-width table for the terminal."""
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
@@ -242,7 +253,7 @@ def text_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+def markdown_table(rows: list[dict], columns=SHORT_COLUMNS) -> str:
     """The same table in Markdown."""
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |"
@@ -274,14 +285,16 @@ def plot_curves(rows: list[dict], metric: str, path: str) -> str | None:
     return path
 
 
-def write_outputs(rows: list[dict], out_dir: str, metric: str) -> list[str]:
-    """comparison.csv, comparison.md and comparison.png in ``out_dir``; returns their paths."""
+def write_outputs(rows: list[dict], out_dir: str, metric: str,
+                  columns=SHORT_COLUMNS) -> list[str]:
+    """comparison.csv (every column), comparison.md (``columns``) and comparison.png (validation
+    ``metric`` and loss curves) in ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, paths.COMPARISON_BASENAME)
     out = [files.write_csv(base + ".csv", [{c: r.get(c) for c in (*COLUMNS, "workdir")}
                                            for r in rows], [*COLUMNS, "workdir"])]
     with open(base + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows))
+        f.write(markdown_table(rows, columns))
     out.append(base + ".md")
     png = plot_curves(rows, metric, base + ".png")
     return out + ([png] if png else [])
