@@ -44,5 +44,10 @@ def main(argv):
         print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``jaxmm-compare``)."""
     cli.run(main, "jaxmm.compare")
+
+
+if __name__ == "__main__":
+    run()

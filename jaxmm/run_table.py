@@ -13,14 +13,16 @@ import statistics
 import time
 
 from jaxmm import files, paths, sweep
+from jaxmm.run_state import Status
 
 # A run without a closing summary counts as running while it wrote something this recently.
 DEFAULT_STALE_MINUTES = 30.0
 VAL_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1", "loss")
 TEST_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
 LOWER_IS_BETTER = ("loss", "ce")
-_STATUS_NAMES = {"finished": "finished", "early_stopped": "early-stopped",
-                 "preempted": "preempted"}
+# Summary statuses as the table shows them.
+_STATUS_NAMES = {Status.FINISHED.value: "finished", Status.EARLY_STOPPED.value: "early-stopped",
+                 Status.PREEMPTED.value: "preempted"}
 
 
 def is_run(path: str) -> bool:

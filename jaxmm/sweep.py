@@ -33,9 +33,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxmm import files, paths
+from jaxmm.run_state import Status
 
 # Summary statuses of a run that is over: a resubmitted sweep skips these runs.
-DONE_STATUSES = ("finished", "early_stopped")
+DONE_STATUSES = (Status.FINISHED.value, Status.EARLY_STOPPED.value)
 # Config entries that decide what `prepare` writes into the prepared-dataset folder.
 _DATA_KEYS = ("data_dir", "class_names", "text_source", "stored_image_size", "tokenizer",
               "tokenizer_vocab_size", "demo")

@@ -79,9 +79,11 @@ for ((i = 0; i < ${#sbatch_args[@]}; i++)); do
     -J?*) job_name="${sbatch_args[i]#-J}" ;;
   esac
 done
-active="$(squeue --me -h -r -n "$job_name" -o '%K' 2>/dev/null | grep -E '^[0-9]+$' | paste -sd, || true)"
+active="$(squeue -u "$(id -un)" -h -r -n "$job_name" -o '%K' 2>/dev/null |
+  grep -E '^[0-9]+$' | paste -sd, || true)"
 
-todo="$("$py" -m jaxmm.sweep plan --config "$config" --sweep "$sweep_file" \
+# The checks need no accelerator: keep JAX on the CPU of the login node.
+todo="$(JAX_PLATFORMS=cpu "$py" -m jaxmm.sweep plan --config "$config" --sweep "$sweep_file" \
   --sweep_dir "$sweep_dir" --active "$active" -- "$@")" || exit 2
 if [ -z "$todo" ]; then
   log "nothing to submit: every run has finished or is queued"

@@ -127,7 +127,8 @@ def _fake_bin(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(
         f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/sbatch_args\necho 4242\n')
-    (bin_dir / "squeue").write_text("#!/bin/sh\necho 2\n")
+    (bin_dir / "squeue").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/squeue_args\necho 2\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -152,6 +153,9 @@ def test_sweep_sh_submits_one_array_of_the_runs_left(tmp_path):
     assert args.index("--time=24:00:00") < args.index("--time=5")
     assert "--requeue" in args and "--signal=B:USR1@180" in args
     assert "--array=1,3%2" in args  # 0 finished, 2 still queued.
+    assert "--job-name=jaxmm-sweep-sw" in args
+    queried = (tmp_path / "squeue_args").read_text().splitlines()
+    assert queried[queried.index("-n") + 1] == "jaxmm-sweep-sw"
     assert args[-3:] == [str(ROOT / "slurm" / "sweep.sh"), "--task", str(tmp_path / "sw")]
     assert "submitted job array 4242" in out.stdout
     manifest = json.loads((tmp_path / "sw" / paths.SWEEP_FILE).read_text())
