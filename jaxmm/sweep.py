@@ -222,16 +222,15 @@ def plan_runs(config_file: str, sweep_file: str, common_args=()) -> list[RunSpec
     checked = [_validated(config_file, list(common_args), i, e, width)
                for i, e in enumerate(entries)]
     check_shared_data([c for _, c in checked])
-    try:
-        from jaxmm import builders  # Checks of the config that need no data.
-    except ImportError:
-        builders = None
-    if builders is not None and hasattr(builders, "validate_config"):
-        for spec, config in checked:
-            try:
-                builders.validate_config(config)
-            except ValueError as e:
-                raise ValueError(f"sweep entry {spec.index} {spec.overrides}: {e}") from None
+    # The trainer's own checks that need no data; imported late (it loads models and data
+    # code), once the cheap checks have passed.
+    from jaxmm import builders
+
+    for spec, config in checked:
+        try:
+            builders.validate_config(config)
+        except ValueError as e:
+            raise ValueError(f"sweep entry {spec.index} {spec.overrides}: {e}") from None
     return [spec for spec, _ in checked]
 
 

@@ -60,6 +60,8 @@ def test_values_survive_the_command_line(tmp_path):
     ('[{"nothing.here": 1}]', r"unknown config key 'nothing.here'"),
     ('[{"text_source": "caption"}, {"text_source": "filename"}]',
      r"sweep entries 0 and 1 prepare different data \(text_source: 'caption' vs 'filename'\)"),
+    ('[{"early_stopping_metric": "f2"}]',
+     r"sweep entry 0 \{'early_stopping_metric': 'f2'\}: config.early_stopping_metric='f2'"),
     ('[]', "non-empty list of dicts"),
     ('[{"a": 1}, 3]', "sweep entry 1 is not a dict"),
     ('[1/0]', "ZeroDivisionError"),
