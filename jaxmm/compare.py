@@ -11,6 +11,7 @@ missing files are listed with what could be read, and a note.
 from absl import flags
 
 from jaxmm import cli
+from jaxmm.errors import ConfigError, WorkdirError
 
 _SORT = flags.DEFINE_string("sort", "", "Column to sort by, best first (default: val_<the "
                             "early-stopping metric>); losses sort ascending.")
@@ -24,10 +25,10 @@ def main(argv):
 
     dirs = argv[1:]
     if not dirs:
-        raise ValueError("give one or more workdirs or sweep folders")
+        raise ConfigError("give one or more workdirs or sweep folders")
     runs, notes = run_table.find_runs(dirs)
     if not runs:
-        raise ValueError(f"no runs found in {' '.join(dirs)}")
+        raise WorkdirError(f"no runs found in {' '.join(dirs)}")
     rows = [run_table.read_run(r, _STALE.value * 60) for r in runs]
     run_table.add_overrides(rows)
     configs = [r["_config"] for r in rows if r["_config"]]

@@ -12,7 +12,8 @@ import os
 import statistics
 import time
 
-from jaxmm import files, paths, sweep
+from jaxmm import files, lock, paths, sweep
+from jaxmm.errors import ConfigError
 from jaxmm.run_state import Status
 
 # A run without a closing summary counts as running while it wrote something this recently.
@@ -96,17 +97,33 @@ def _last_write(workdir: str) -> float | None:
     return max(times) if times else None
 
 
+def lock_state(workdir: str) -> str | None:
+    """"live" while a training process holds the workdir's lock, "stale" when the holder is gone
+    (it died without releasing it), None without a lock file."""
+    holder = lock.read_holder(paths.in_workdir(workdir, paths.LOCK_FILE))
+    if holder is None:
+        return None
+    return "stale" if lock.stale_reason(holder, lock.this_process()) else "live"
+
+
 def run_status(workdir: str, summary: dict | None, stale_s: float, now: float) -> str:
-    """finished / early-stopped / preempted from the summary; else running or failed by age."""
+    """running while a live process holds the workdir's lock; else finished / early-stopped /
+    preempted from the summary (unless the run went on after writing it); else failed when the
+    lock's holder is gone, and otherwise running or failed by the age of the newest file."""
     if not os.path.isdir(workdir):
         return "pending"
-    last = _last_write(workdir)
+    held = lock_state(workdir)
+    if held == "live":
+        return "running"
     if summary and summary.get("status"):
         summary_time = os.path.getmtime(os.path.join(workdir, paths.SUMMARY_FILE))
         metrics = os.path.join(workdir, paths.METRICS_FILE)
         resumed = os.path.exists(metrics) and os.path.getmtime(metrics) > summary_time + 1
         if not resumed:
             return _STATUS_NAMES.get(summary["status"], summary["status"].replace("_", "-"))
+    if held == "stale":
+        return "failed"
+    last = _last_write(workdir)
     if last is None:
         return "pending"
     return "running" if now - last < stale_s else "failed"
@@ -126,8 +143,9 @@ def best_validation(history: list[dict], metric: str) -> dict | None:
 
 
 def test_metrics(workdir: str, modalities) -> dict | None:
-    """The test metrics of the run's evaluation with all towers: eval/test/metrics.json, else the
-    newest metrics.json under eval/ whose split is test (e.g. one folder per checkpoint)."""
+    """The test metrics of the run's evaluation with all towers: those of the best checkpoint
+    (eval/best/test/) when there, else the newest metrics file under eval/ whose split is test
+    (another checkpoint's folder, or an older layout)."""
     found = []
     for folder, _, names in os.walk(os.path.join(workdir, paths.EVAL_DIR)):
         if paths.EVAL_METRICS_FILE not in names:
@@ -141,9 +159,9 @@ def test_metrics(workdir: str, modalities) -> dict | None:
         if split != "test" or (mods is not None and modalities and
                                list(mods) != list(modalities)):
             continue
-        exact = os.path.normpath(folder) == os.path.join(os.path.normpath(workdir),
-                                                        paths.EVAL_DIR, "test")
-        found.append((exact, os.path.getmtime(path), m))
+        best = (m.get("checkpoint") == "best" or
+                os.path.basename(os.path.dirname(os.path.normpath(folder))) == paths.BEST_DIR)
+        found.append((best, os.path.getmtime(path), m))
     return max(found, key=lambda t: t[:2])[2] if found else None
 
 
@@ -214,7 +232,7 @@ def add_overrides(rows: list[dict]) -> None:
 def sort_rows(rows: list[dict], column: str) -> list[dict]:
     """Best first by ``column`` (ascending for losses); rows without a value go last."""
     if rows and column not in rows[0]:
-        raise ValueError(f"cannot sort by '{column}'; choose one of "
+        raise ConfigError(f"cannot sort by '{column}'; choose one of "
                          f"{', '.join(k for k in rows[0] if not k.startswith('_'))}")
     sign = 1.0 if column.rsplit("_", 1)[-1] in LOWER_IS_BETTER else -1.0
     have = [r for r in rows if isinstance(r.get(column), (int, float))]

@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxmm import files, paths
+from jaxmm.errors import ConfigError
 from jaxmm.run_state import Status
 
 # Summary statuses of a run that is over: a resubmitted sweep skips these runs.
@@ -57,30 +58,30 @@ def grid(axes: dict) -> list[dict]:
 
 
 def load_sweep(path: str) -> list[dict]:
-    """The override dicts of a sweep file; a malformed file raises a one-line ValueError."""
+    """The override dicts of a sweep file; a malformed file raises a one-line ConfigError."""
     if not os.path.isfile(path):
-        raise ValueError(f"sweep file {path} not found")
+        raise ConfigError(f"sweep file {path} not found")
     spec = importlib.util.spec_from_file_location("jaxmm_sweep_file", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_sweep"):
-            raise ValueError("no get_sweep() function")
+            raise ConfigError("no get_sweep() function")
         entries = module.get_sweep()
     except Exception as e:  # Any error in the user's file becomes one line.
-        raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
     if not isinstance(entries, (list, tuple)) or not entries:
-        raise ValueError(f"{path}: get_sweep() must return a non-empty list of dicts")
+        raise ConfigError(f"{path}: get_sweep() must return a non-empty list of dicts")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
-            raise ValueError(f"{path}: sweep entry {i} is not a dict of 'key': value: {entry!r}")
+            raise ConfigError(f"{path}: sweep entry {i} is not a dict of 'key': value: {entry!r}")
     return [dict(e) for e in entries]
 
 
 def parse_config(config_file: str, args=()) -> ml_collections.ConfigDict:
     """Loads a config file with ``--config.KEY=VALUE`` arguments, exactly as the trainer does."""
     if not os.path.isfile(config_file):
-        raise ValueError(f"config file {config_file} not found")
+        raise ConfigError(f"config file {config_file} not found")
     argv = ["sweep", f"--config={config_file}", *args]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
@@ -88,7 +89,7 @@ def parse_config(config_file: str, args=()) -> ml_collections.ConfigDict:
     try:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(" ".join(str(e).split())) from None
+        raise ConfigError(" ".join(str(e).split())) from None
     return fv.config
 
 
@@ -119,21 +120,21 @@ def check_override(config, key: str, value) -> str:
     """Sets ``key`` on a (locked) config; returns its ``--config.KEY=VALUE`` argument.
 
     Raises:
-      ValueError: unknown key, a value of the wrong type, or one the command line would change.
+      ConfigError: unknown key, a value of the wrong type, or one the command line would change.
     """
     try:
         _set(config, key, value)
     except (KeyError, AttributeError) as e:
         hint = re.search(r'Did you mean "[^"]+"', str(e))
-        raise ValueError(f"unknown config key '{key}'" + (f" ({hint.group(0)}?)" if hint
+        raise ConfigError(f"unknown config key '{key}'" + (f" ({hint.group(0)}?)" if hint
                                                            else "")) from None
     except TypeError:
-        raise ValueError(f"'{key}' = {value!r} ({type(value).__name__}) does not fit the "
+        raise ConfigError(f"'{key}' = {value!r} ({type(value).__name__}) does not fit the "
                          f"config's {_get(config, key)!r} ({type(_get(config, key)).__name__})"
                          ) from None
     text = _cli_value(value)
     if "\n" in text:
-        raise ValueError(f"'{key}': a value with a line break cannot be passed on")
+        raise ConfigError(f"'{key}': a value with a line break cannot be passed on")
     return f"--config.{key}={text}"
 
 
@@ -175,12 +176,12 @@ def _validated(config_file: str, common_args, index: int, overrides: dict, width
         try:
             args.append(check_override(config, key, value))
         except ValueError as e:
-            raise ValueError(f"sweep entry {index} {overrides}: {e}") from None
+            raise ConfigError(f"sweep entry {index} {overrides}: {e}") from None
     # What the job will see: the same arguments through the trainer's own flag parser.
     parsed = parse_config(config_file, [*common_args, *args])
     for key in overrides:
         if _get(parsed, key) != _get(config, key):
-            raise ValueError(f"sweep entry {index}: '{key}' = {_get(config, key)!r} becomes "
+            raise ConfigError(f"sweep entry {index}: '{key}' = {_get(config, key)!r} becomes "
                              f"{_get(parsed, key)!r} on the command line")
     return RunSpec(index, run_name(index, overrides, width), overrides, args), parsed
 
@@ -210,13 +211,13 @@ def check_shared_data(configs: list) -> None:
         j, other = first[where]
         diff = [k for k in data if data[k] != other.get(k)]
         if diff:
-            raise ValueError(f"sweep entries {j} and {i} prepare different data ({diff[0]}: "
+            raise ConfigError(f"sweep entries {j} and {i} prepare different data ({diff[0]}: "
                              f"{other[diff[0]]!r} vs {data[diff[0]]!r}) into the same folder "
                              f"{where}: give them different prepared_dir values")
 
 
 def plan_runs(config_file: str, sweep_file: str, common_args=()) -> list[RunSpec]:
-    """Validates every entry of a sweep file; the first bad one raises a one-line ValueError."""
+    """Validates every entry of a sweep file; the first bad one raises a one-line ConfigError."""
     entries = load_sweep(sweep_file)
     width = len(str(len(entries) - 1))
     checked = [_validated(config_file, list(common_args), i, e, width)
@@ -230,7 +231,7 @@ def plan_runs(config_file: str, sweep_file: str, common_args=()) -> list[RunSpec
         try:
             builders.validate_config(config)
         except ValueError as e:
-            raise ValueError(f"sweep entry {spec.index} {spec.overrides}: {e}") from None
+            raise ConfigError(f"sweep entry {spec.index} {spec.overrides}: {e}") from None
     return [spec for spec, _ in checked]
 
 
@@ -259,14 +260,14 @@ def write_manifest(sweep_dir: str, config_file: str, sweep_file: str, common_arg
         where = os.path.join(sweep_dir, paths.SWEEP_FILE)
         for key in ("config", "common_args"):
             if old.get(key) != new[key]:
-                raise ValueError(f"{key} differs from the one in {where} ({old.get(key)!r}): "
+                raise ConfigError(f"{key} differs from the one in {where} ({old.get(key)!r}): "
                                  "use a new SWEEP_DIR for a different sweep")
         if len(new["runs"]) < len(old["runs"]):
-            raise ValueError(f"the sweep has {len(new['runs'])} entries, {where} has "
+            raise ConfigError(f"the sweep has {len(new['runs'])} entries, {where} has "
                              f"{len(old['runs'])}: use a new SWEEP_DIR for a different sweep")
         for before, now in zip(old["runs"], new["runs"], strict=False):
             if (before["name"], before["args"]) != (now["name"], now["args"]):
-                raise ValueError(f"sweep entry {now['index']} changed since {where} was "
+                raise ConfigError(f"sweep entry {now['index']} changed since {where} was "
                                  f"written ({before['args']} -> {now['args']}): use a new "
                                  "SWEEP_DIR for a different sweep")
     os.makedirs(sweep_dir, exist_ok=True)
@@ -293,10 +294,10 @@ def task_lines(sweep_dir: str, index: int) -> list[str]:
     """What array task ``index`` runs: status, workdir, config file, then its arguments."""
     manifest = read_manifest(sweep_dir)
     if manifest is None:
-        raise ValueError(f"{sweep_dir} has no readable {paths.SWEEP_FILE}")
+        raise ConfigError(f"{sweep_dir} has no readable {paths.SWEEP_FILE}")
     runs = {r["index"]: r for r in manifest["runs"]}
     if index not in runs:
-        raise ValueError(f"{sweep_dir}/{paths.SWEEP_FILE} has no run {index}")
+        raise ConfigError(f"{sweep_dir}/{paths.SWEEP_FILE} has no run {index}")
     workdir = os.path.join(sweep_dir, runs[index]["name"])
     return ["finished" if is_done(workdir) else "run", workdir, manifest["config"],
             *manifest["common_args"], *runs[index]["args"]]

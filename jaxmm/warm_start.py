@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxmm import checkpointing, files, paths
+from jaxmm.errors import ConfigError, WorkdirError
 
 # Model entries that change the parameters' structure or shapes.
 _ARCH_KEYS = ("modalities", "image_arch", "text_arch", "fusion", "proj_dim", "hidden_dim")
@@ -46,7 +47,7 @@ def _norm(value):
 
 def check_compatible(spec: str, loaded: dict, template: dict, source_config: dict,
                      config) -> None:
-    """Raises a one-line ValueError when ``loaded`` does not fit ``template`` exactly."""
+    """Raises a one-line ConfigError when ``loaded`` does not fit ``template`` exactly."""
     have, want = _paths_and_shapes(loaded), _paths_and_shapes(template)
     missing = [p for p in want if p not in have]
     extra = [p for p in have if p not in want]
@@ -57,7 +58,7 @@ def check_compatible(spec: str, loaded: dict, template: dict, source_config: dic
     detail = (f"{len(missing)} parameter(s) missing (e.g. {missing[0]})" if missing else
               f"{len(extra)} unexpected parameter(s) (e.g. {extra[0]})" if extra else
               f"{len(shapes)} shape(s) differ (e.g. {shapes[0]})")
-    raise ValueError(f"init_from {spec}: the architecture differs from this run's: "
+    raise ConfigError(f"init_from {spec}: the architecture differs from this run's: "
                      + "; ".join(hints + [detail]))
 
 
@@ -76,7 +77,7 @@ def load(spec: str, config, class_names, template: dict) -> tuple[dict, int]:
     workdir, which = parse_spec(spec)
     record = files.read_json(os.path.join(workdir, paths.CONFIG_FILE))
     if not isinstance(record, dict):
-        raise ValueError(f"init_from {spec}: {workdir} has no readable {paths.CONFIG_FILE}; "
+        raise WorkdirError(f"init_from {spec}: {workdir} has no readable {paths.CONFIG_FILE}; "
                          "is it a training workdir?")
     source_classes = list(record.get("class_names") or [])
     if source_classes != list(class_names):
@@ -84,7 +85,7 @@ def load(spec: str, config, class_names, template: dict) -> tuple[dict, int]:
         only_there = sorted(set(source_classes) - set(class_names))
         what = (f"only here {only_here}, only there {only_there}" if only_here or only_there
                 else "same classes in another order")
-        raise ValueError(f"init_from {spec}: the class list differs ({what}): "
+        raise ConfigError(f"init_from {spec}: the class list differs ({what}): "
                          f"{source_classes} vs {list(class_names)}")
     variables, step = checkpointing.restore_model(workdir, which)
     loaded = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}

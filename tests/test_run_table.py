@@ -2,6 +2,7 @@
 failed, not started, damaged files; overrides, sorting, outputs and the compare command."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxmm import paths, run_table
+from jaxmm import lock, paths, run_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,19 +57,32 @@ def runs(tmp_path):
     r = tmp_path / "runs"
     _run(r / "a", config=_config(1e-3), val=[(1, .5, 1.0), (2, .7, .8), (3, .6, .7)],
          train_speed=[10.0, 100.0, 110.0, 120.0], summary="finished")
-    _eval(r / "a", "test", split="test", modalities=["image", "text"], macro_f1=.65,
+    _eval(r / "a", "best/test", split="test", modalities=["image", "text"], macro_f1=.65,
           accuracy=.7, loss=.9, checkpoint="best")
-    _eval(r / "a", "test-text", split="test", modalities=["text"], macro_f1=.1)
+    _eval(r / "a", "best/test-text", split="test", modalities=["text"], macro_f1=.1)
+    _eval(r / "a", "step_30/test", split="test", macro_f1=.3, checkpoint="latest")  # newer
     _run(r / "b", config=_config(3e-4), val=[(1, .8, .6)], summary="early_stopped")
-    _eval(r / "b", os.path.join("step_40", "test"), split="test", macro_f1=.75,
-          checkpoint="40")
+    _eval(r / "b", "step_40/test", split="test", macro_f1=.75, checkpoint="40")
     _run(r / "c", config=_config(3e-4, "gated"), val=[(1, .4, 1.2)], summary="preempted")
     _run(r / "d", config=_config(1e-4), val=[(1, .3, 1.3)])  # Writing right now.
     _run(r / "e", config=_config(1e-4), val=[(1, .2, 1.4)])  # Died an hour ago.
     _age(r / "e", 3600)
     # No config.json, half a line at the end of metrics.jsonl.
     _run(r / "f", val=[(1, .9, .5)], extra_lines=['{"step": 20, "kind": "va'])
+    # Recent files, but the process holding the workdir's lock has died: failed.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    _lock(_run(r / "g", config=_config(1e-4), val=[(1, .1, 1.5)]), int(dead.stdout))
+    # Nothing written for an hour, but a live process holds the lock (a long validation).
+    _lock(_run(r / "h", config=_config(1e-4), val=[(1, .1, 1.5)]), os.getpid())
+    _age(r / "h", 3600)
     return r
+
+
+def _lock(workdir: Path, pid: int) -> None:
+    holder = dataclasses.asdict(lock.this_process())
+    holder.update(pid=pid, pid_start=None)
+    (workdir / paths.LOCK_FILE).write_text(json.dumps(holder))
 
 
 def _rows(dirs):
@@ -83,7 +97,7 @@ def test_status_best_epoch_and_test_metrics(runs):
     assert notes == [f"{runs / 'missing'}: not a workdir or sweep folder, skipped"]
     assert {k: r["status"] for k, r in rows.items()} == {
         "a": "finished", "b": "early-stopped", "c": "preempted", "d": "running",
-        "e": "failed", "f": "running"}
+        "e": "failed", "f": "running", "g": "failed", "h": "running"}
     a = rows["a"]
     assert (a["epochs"], a["best_epoch"], a["val_macro_f1"], a["val_loss"]) == (3, 2, .7, .8)
     assert (a["test_macro_f1"], a["test_checkpoint"]) == (.65, "best")  # not the text-only one
@@ -115,7 +129,7 @@ def test_sort_best_first_missing_last(runs):
     rows = list(rows.values())
     rows[0]["val_macro_f1"] = None
     order = [r["run"] for r in run_table.sort_rows(rows, "val_macro_f1")]
-    assert order == ["f", "b", "c", "d", "e", "a"]
+    assert order == ["f", "b", "c", "d", "e", "g", "h", "a"]
     assert [r["run"] for r in run_table.sort_rows(rows, "val_loss")][:2] == ["f", "b"]
     with pytest.raises(ValueError, match="cannot sort by 'nope'"):
         run_table.sort_rows(rows, "nope")
@@ -147,10 +161,10 @@ def test_compare_command_writes_table_files(runs, tmp_path):
     assert "not a workdir or sweep folder" in res.stdout
     with open(out / "comparison.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["run"] for r in table] == ["f", "b", "a", "c", "d", "e"]
+    assert [r["run"] for r in table] == ["f", "b", "a", "c", "d", "e", "g", "h"]
     assert table[2]["test_macro_f1"] == "0.65" and table[2]["status"] == "finished"
     md = (out / "comparison.md").read_text().splitlines()
-    assert md[0].startswith("| run | overrides | status |") and len(md) == 8
+    assert md[0].startswith("| run | overrides | status |") and len(md) == 10
     assert (out / "comparison.png").stat().st_size > 1000
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from configs import demo
 from jaxmm import checkpointing, models, paths, warm_start
+from jaxmm.errors import ConfigError, WorkdirError
 
 CLASSES = ["Black", "Blue", "Green", "TTR"]
 VOCAB = 64
@@ -80,19 +81,19 @@ def test_loads_best_latest_and_a_step(source):
 ])
 def test_another_architecture_is_refused(source, change, message):
     config = _config(**change)
-    with pytest.raises(ValueError, match="the architecture differs from this run's: " + message):
+    with pytest.raises(ConfigError, match="the architecture differs from this run's: " + message):
         warm_start.load(source[0], config, CLASSES, _variables(config))
 
 
 def test_another_class_list_or_a_missing_run_is_refused(source, tmp_path):
     config = _config()
     template = _variables(config)
-    with pytest.raises(ValueError, match=r"class list differs \(only here \['Other'\], only "
+    with pytest.raises(ConfigError, match=r"class list differs \(only here \['Other'\], only "
                                          r"there \['TTR'\]\)"):
         warm_start.load(source[0], config, [*CLASSES[:3], "Other"], template)
-    with pytest.raises(ValueError, match="same classes in another order"):
+    with pytest.raises(ConfigError, match="same classes in another order"):
         warm_start.load(source[0], config, CLASSES[::-1], template)
-    with pytest.raises(ValueError, match="has no readable config.json"):
+    with pytest.raises(WorkdirError, match="has no readable config.json"):
         warm_start.load(str(tmp_path), config, CLASSES, template)
-    with pytest.raises(FileNotFoundError, match="no '5' checkpoint"):
+    with pytest.raises(WorkdirError, match="no '5' checkpoint"):
         warm_start.load(f"{source[0]}:5", config, CLASSES, template)
