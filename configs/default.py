@@ -68,6 +68,10 @@ def get_config():
     # "balanced" (N / (K * n_k) from Train), "none", or one weight per class in class order as
     # a string of numbers: "1.2,0.6,1.3,1.5" (--config.class_weights=1.2,0.6,1.3,1.5).
     c.class_weights = "balanced"
+    c.accumulate_steps = 1  # Micro-batches per step: each device's rows of batch_size are run in
+    # this many pieces (less activation memory; the loss over the whole batch is unchanged).
+    c.ema_decay = 0.0  # > 0: keep an EMA of the weights; validation and the best checkpoint use it.
+    c.init_from = ""  # Warm start: "WORKDIR[:best|latest|STEP]"; weights + BatchNorm stats only.
 
     # --- Evaluation, checkpoints, logging -------------------------------------------------------
     c.early_stopping_metric = "macro_f1"  # Validation metric that picks the best checkpoint.
@@ -78,6 +82,7 @@ def get_config():
     c.resume_step = -1  # Kept step to resume from; -1 = newest readable (older on failure).
     c.allow_data_change = False  # Resume even if the prepared data changed since the start.
     c.log_every_steps = 20  # Metrics are fetched from the devices only at these steps.
+    c.log_every_seconds = 30.0  # Output not a terminal (Slurm logs): a progress line this often.
     c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
     c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.
     # Every whole-number field above is checked (>= 1, or >= 0 for patience, num_workers and

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps
+from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps, warm_start
 from jaxmm.data import pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
@@ -64,6 +64,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
         raise ConfigError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
                           f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")
+    accumulate = config.get("accumulate_steps", 1)
+    per_device = config.batch_size // jax.device_count()
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1 \
+            or per_device % accumulate:
+        raise ConfigError(f"config.accumulate_steps={accumulate!r}: must be a whole number >= 1 "
+                          f"that divides the {per_device} rows per device of "
+                          f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
+    if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
+        raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
 
 
 @dataclasses.dataclass
@@ -150,32 +159,52 @@ def make_optimizer(config: ml_collections.ConfigDict, model, steps_per_epoch: in
     return optim.make_optimizer(config, labels, total_steps, steps_per_epoch)
 
 
-def init_variables(config: ml_collections.ConfigDict, model, log=print) -> dict:
-    """Fresh variables on the host: random init from the seed, then the pretrained towers.
+def init_variables(config: ml_collections.ConfigDict, model, log=print,
+                   class_names=None) -> dict:
+    """Fresh variables on the host: random init from the seed, then the pretrained towers; or,
+    with ``config.init_from``, another run's weights and BatchNorm statistics (warm start).
+
+    Args:
+      config: the run's config.
+      model: the model of ``make_model``.
+      log: where to report what was loaded.
+      class_names: this run's classes (a warm start checks the source run has the same).
 
     Returns:
       {"params", "batch_stats"} as NumPy arrays (one copy from the device, where the random
       init ran, so the pretrained weights can be grafted in on the host).
     """
+    if config.get("init_from"):
+        template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                abstract_variables(config, model))
+        variables, step = warm_start.load(config.init_from, config, class_names, template)
+        log(f"warm start: weights and BatchNorm statistics of {config.init_from} (step {step});"
+            " fresh optimizer from step 0")
+        return variables
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
     variables = jax.device_get(models.init_variables(model, key, config.image_size,
                                                      config.max_text_length))
     return models.pretrained.load_pretrained(variables, config.model, log=log)
 
 
-def replicated_state(model, tx, variables: dict, step: int = 0,
-                     opt_state=None) -> steps.TrainState:
+def replicated_state(model, tx, variables: dict, step: int = 0, opt_state=None,
+                     ema: bool = False) -> steps.TrainState:
     """A train state on every local device from host variables.
 
     The optimizer state is the saved one when given, else ``tx.init`` run on the devices
-    (no host round trip).
+    (no host round trip). With ``ema`` the weight average is ``variables["ema_params"]`` when
+    given (a resume), else it starts at the parameters.
     """
     params = parallel.replicate(variables["params"])
     opt_state = (parallel.replicate(opt_state) if opt_state is not None
                  else parallel.pmap_init(tx.init)(params))
+    ema_params = None
+    if ema:  # A separate device copy: the state is donated, and no buffer may appear twice.
+        ema_params = parallel.replicate(variables.get("ema_params", variables["params"]))
     return steps.TrainState(step=parallel.replicate(np.asarray(step, np.int32)), params=params,
                             batch_stats=parallel.replicate(variables["batch_stats"]),
-                            opt_state=opt_state, apply_fn=model.apply, tx=tx)
+                            opt_state=opt_state, apply_fn=model.apply, tx=tx,
+                            ema_params=ema_params)
 
 
 def host_state_template(config: ml_collections.ConfigDict, model, tx) -> dict:
@@ -184,6 +213,8 @@ def host_state_template(config: ml_collections.ConfigDict, model, tx) -> dict:
     tree = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract["params"],
             "batch_stats": abstract["batch_stats"],
             "opt_state": jax.eval_shape(tx.init, abstract["params"])}
+    if uses_ema(config):
+        tree["ema_params"] = abstract["params"]
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
 
 
@@ -193,8 +224,15 @@ def class_weights(config: ml_collections.ConfigDict, class_names: list,
     return losses.resolve_class_weights(config.class_weights, class_names, train_counts)
 
 
+def uses_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run keeps an exponential moving average of its weights."""
+    return config.get("ema_decay", 0.0) > 0.0
+
+
 def train_step_fn(config: ml_collections.ConfigDict, class_weights: np.ndarray):
     """The pmapped train step with the run's constants bound."""
     return parallel.pmap_train_step(functools.partial(
         steps.train_step, class_weights=class_weights,
-        label_smoothing=config.optim.label_smoothing))
+        label_smoothing=config.optim.label_smoothing,
+        accumulate_steps=config.get("accumulate_steps", 1),
+        ema_decay=config.get("ema_decay", 0.0)))

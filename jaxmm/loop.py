@@ -107,15 +107,20 @@ def _warn_config_changes(saved: dict, config) -> None:
 def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.TrainState,
                                                                      RunProgress]:
     """The newest readable checkpoint (or ``config.resume_step``; data position included),
-    else a fresh state with the pretrained towers. Either way the state reaches the devices in
-    one host-to-device copy."""
+    else a fresh state with the pretrained towers (or, with ``init_from``, another run's
+    weights). Either way the state reaches the devices in one host-to-device copy."""
+    ema = builders.uses_ema(config)
     resume_step = config.resume_step if config.resume_step >= 0 else None
     if ckpts.latest_step() is None and resume_step is None:
         for path in ckpts.start_fresh():
             logging.warning("fresh start: set aside %s, left by an earlier run", path)
-        variables = builders.init_variables(config, setup.model, log=logging.info)
-        return (builders.replicated_state(setup.model, setup.tx, variables),
+        variables = builders.init_variables(config, setup.model, log=logging.info,
+                                            class_names=setup.data.class_names)
+        return (builders.replicated_state(setup.model, setup.tx, variables, ema=ema),
                 RunProgress(config=config.to_dict()))
+    if config.get("init_from"):
+        logging.info("the workdir has a checkpoint: resuming it (init_from applies to a fresh "
+                     "start only)")
     template = builders.host_state_template(config, setup.model, setup.tx)
     host, saved = ckpts.restore(template, train_iter, resume_step)
     progress = RunProgress.from_json(saved)
@@ -129,7 +134,8 @@ def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.Train
     logging.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
     _warn_config_changes(progress.config, config)
     progress.config = config.to_dict()
-    state = builders.replicated_state(setup.model, setup.tx, host, step, host["opt_state"])
+    state = builders.replicated_state(setup.model, setup.tx, host, step, host["opt_state"],
+                                      ema=ema)
     return state, progress
 
 
@@ -206,9 +212,12 @@ class _Run:
         itself (asynchronously), so nothing is fetched here."""
         self.check_finite()
         s = self.state
-        self.ckpts.save(self.step, parallel.replicated_view(
-            {"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
-             "opt_state": s.opt_state}), self.iter_state, self.progress.to_json())
+        tree = {"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
+                "opt_state": s.opt_state}
+        if s.ema_params is not None:
+            tree["ema_params"] = s.ema_params
+        self.ckpts.save(self.step, parallel.replicated_view(tree), self.iter_state,
+                        self.progress.to_json())
 
     def evaluate_epoch(self) -> bool:
         """Validation after an epoch; updates the best model, patience and the history.
@@ -217,7 +226,7 @@ class _Run:
           Whether patience ran out (early stopping).
         """
         c, p = self.config, self.progress
-        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        variables = self.state.eval_variables  # The EMA weights when the run keeps them.
         batches = pipeline.make_eval_iter(
             c, self.setup.data.sources["validation"], self.setup.tokenizer,
             local_batch_size=parallel.local_batch_size(c.eval_batch_size, "eval_batch_size"),
@@ -303,7 +312,8 @@ def _train(config, workdir: str, signals: StopSignals) -> dict:
     batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
     compile_s = None
     while p.status == Status.RUNNING and run.step < setup.total_steps:
-        bar = train_log.ProgressBar(run.epoch, spe, run.step % spe)
+        bar = train_log.ProgressBar(run.epoch, spe, run.step % spe,
+                                    config.get("log_every_seconds", 30.0))
         while True:
             device_batch, run.iter_state = next(batches)
             t0 = time.perf_counter()

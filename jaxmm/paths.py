@@ -15,12 +15,18 @@ CURVES_FILE = "learning_curves.png"
 SUMMARY_FILE = "train_summary.json"  # written when a run stops (finished, early, preempted)
 JAX_CACHE_DIR = "jax_cache"  # persistent compilation cache (survives requeues)
 EVAL_DIR = "eval"  # eval/<checkpoint>/<split>/ reports of jaxmm.evaluate
+EVAL_METRICS_FILE = "metrics.json"  # eval/<checkpoint>/<split>/: the metrics of one evaluation
 PREDICTIONS_FILE = "predictions.csv"  # jaxmm.predict's CSV for folders when --out is not given
 CHECKPOINTS_DIR = "checkpoints"  # latest K train states + data position (orbax)
 BEST_DIR = "best"  # params + batch statistics of the best validation epoch (orbax)
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
 SET_ASIDE_DIR = "set_aside"  # checkpoints moved out of the way (unreadable, or from a replay)
 LOCK_FILE = "train.lock"  # host, pid and Slurm job of the training run using the workdir
+
+# --- A sweep folder (slurm/sweep.sh): one workdir per run, <index>-<overrides> ------------------
+SWEEP_FILE = "sweep.json"  # the runs of the sweep: names, overrides, trainer arguments
+SWEEP_LOGS_DIR = "logs"  # the Slurm output of the array tasks
+COMPARISON_BASENAME = "comparison"  # jaxmm.compare writes comparison.{csv,md,png}
 
 # --- A prepared dataset (prepare's output root and the TFDS dataset folder inside it) ----------
 REPORT_FILE = "prepare_report.json"  # in the output root: counts, skipped files, text sources

@@ -18,7 +18,10 @@ from jaxmm.parallel import AXIS_NAME
 
 
 class TrainState(struct.PyTreeNode):
-    """What a training run carries from step to step (and checkpoints)."""
+    """What a training run carries from step to step (and checkpoints).
+
+    ``ema_params`` is None unless the run keeps an exponential moving average of the weights.
+    """
 
     step: jax.Array
     params: Any
@@ -26,27 +29,91 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    ema_params: Any = None
 
     @classmethod
-    def create(cls, *, apply_fn, params, batch_stats, tx):
+    def create(cls, *, apply_fn, params, batch_stats, tx, ema: bool = False):
+        """A step-0 state; ``ema=True`` starts the weight average at ``params``."""
+        # A copy, not an alias: the state is donated to the step, and a donated buffer may
+        # appear only once.
+        ema_params = jax.tree.map(jnp.copy, params) if ema else None
         return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                   opt_state=tx.init(params), apply_fn=apply_fn, tx=tx)
+                   opt_state=tx.init(params), apply_fn=apply_fn, tx=tx, ema_params=ema_params)
 
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict:
+        """The weights validation and the best checkpoint use: the EMA ones when kept."""
+        params = self.params if self.ema_params is None else self.ema_params
+        return {"params": params, "batch_stats": self.batch_stats}
 
 
 def _inputs(batch):
     return batch["image"], batch["input_ids"], batch["attention_mask"]
 
 
+def _micro_batches(batch: dict, accumulate_steps: int) -> dict:
+    """[R, ...] rows -> [A, R / A, ...]: micro-batch m holds rows m*R/A ... (m+1)*R/A - 1."""
+    rows = batch["label"].shape[0]
+    if rows % accumulate_steps:
+        raise ValueError(f"{rows} rows per device do not split into {accumulate_steps} "
+                         "micro-batches")
+    return jax.tree.map(lambda x: x.reshape((accumulate_steps, rows // accumulate_steps)
+                                            + x.shape[1:]), batch)
+
+
+def _grads_and_sums(state: TrainState, batch: dict, key, total_weight, *, class_weights,
+                    label_smoothing: float, accumulate_steps: int):
+    """Gradient of sum(w * CE) / total_weight over this device's rows, one micro-batch at a time.
+
+    Each micro-batch contributes its numerator over the SAME denominator (the weight of the
+    whole effective batch), so the sum of the contributions is exactly the full-batch loss and
+    gradient, not a mean of per-micro-batch means. BatchNorm statistics are chained through the
+    micro-batches as sequential steps would.
+    """
+    def one(batch_stats, micro, micro_key):
+        def loss_fn(params):
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": batch_stats}, *_inputs(micro), train=True,
+                rngs={"dropout": micro_key}, mutable=["batch_stats"])
+            sums = losses.weighted_ce_sums(logits, micro["label"], class_weights,
+                                           label_smoothing=label_smoothing)
+            return sums["weighted_ce"] / total_weight, (updates, sums)
+
+        grads, (updates, sums) = jax.grad(loss_fn, has_aux=True)(state.params)
+        return grads, updates.get("batch_stats", batch_stats), sums
+
+    if accumulate_steps == 1:  # The plain step, with the dropout key of earlier versions.
+        return one(state.batch_stats, batch, key)
+
+    def body(carry, xs):
+        grads_acc, batch_stats, sums_acc = carry
+        index, micro = xs
+        grads, batch_stats, sums = one(batch_stats, micro, jax.random.fold_in(key, index))
+        return (jax.tree.map(jnp.add, grads_acc, grads), batch_stats,
+                jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = {k: jnp.zeros((), jnp.float32)
+                 for k in ("weighted_ce", "weight", "ce", "count", "correct")}
+    micro = _micro_batches(batch, accumulate_steps)
+    (grads, batch_stats, sums), _ = jax.lax.scan(
+        body, (zeros, state.batch_stats, zero_sums), (jnp.arange(accumulate_steps), micro))
+    return grads, batch_stats, sums
+
+
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_weights,
-               label_smoothing: float = 0.0, axis_name: str = AXIS_NAME):
-    """One optimizer step on this device's part of the global batch.
+               label_smoothing: float = 0.0, accumulate_steps: int = 1,
+               ema_decay: float = 0.0, axis_name: str = AXIS_NAME):
+    """One optimizer step on this device's part of the global (effective) batch.
 
     The device computes sum(w * CE) / W over its rows, where W is the psummed weight of the whole
     global batch; the psum of these terms (and of their gradients) is the exact global loss.
+    With ``accumulate_steps`` = A > 1 the device's rows are processed as A sequential
+    micro-batches (A times less activation memory) and the result is the same loss over all rows.
 
     Args:
       state: the replicated train state (donated by the caller).
@@ -55,31 +122,34 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
         a pure function of (seed, step, device) and a resumed run repeats it exactly.
       class_weights: [K] weights of the classes.
       label_smoothing: smoothing of the one-hot targets.
+      accumulate_steps: micro-batches per optimizer step; must divide the rows per device.
+      ema_decay: > 0 updates ``state.ema_params`` (which must exist) after the optimizer step:
+        ema = decay * ema + (1 - decay) * params.
       axis_name: the pmap axis.
 
     Returns:
       (new_state, metrics) where metrics are psummed sums (see ``losses.weighted_ce_sums``).
     """
+    if ema_decay and state.ema_params is None:
+        raise ValueError("ema_decay > 0 needs a state created with ema=True")
     key = jax.random.fold_in(jax.random.fold_in(root_key, state.step),
                              jax.lax.axis_index(axis_name))
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, *_inputs(batch), train=True,
-            rngs={"dropout": key}, mutable=["batch_stats"])
-        sums = losses.weighted_ce_sums(logits, batch["label"], class_weights,
-                                       label_smoothing=label_smoothing)
-        total_weight = jax.lax.psum(sums["weight"], axis_name)
-        return sums["weighted_ce"] / total_weight, (updates, sums)
-
-    grads, (updates, sums) = jax.grad(loss_fn, has_aux=True)(state.params)
+    # The denominator depends on the labels only: known before any forward pass.
+    local_weight = jnp.sum(jnp.asarray(class_weights, jnp.float32)[batch["label"]])
+    total_weight = jax.lax.psum(local_weight, axis_name)
+    grads, batch_stats, sums = _grads_and_sums(
+        state, batch, key, total_weight, class_weights=class_weights,
+        label_smoothing=label_smoothing, accumulate_steps=accumulate_steps)
     grads = jax.lax.psum(grads, axis_name)
     param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    ema_params = state.ema_params
+    if ema_decay:
+        ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+        step=state.step + 1, params=params, ema_params=ema_params,
         # BatchNorm syncs its statistics over the axis; pmean keeps replicas bit-identical.
-        batch_stats=jax.lax.pmean(updates.get("batch_stats", state.batch_stats), axis_name),
-        opt_state=opt_state)
+        batch_stats=jax.lax.pmean(batch_stats, axis_name), opt_state=opt_state)
     metrics = jax.lax.psum(sums, axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     return new_state, metrics

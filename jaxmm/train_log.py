@@ -7,9 +7,12 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxmm import files, paths
 
@@ -121,25 +124,68 @@ def plot_learning_curves(workdir: str, metric: str) -> str | None:
 
 
 class ProgressBar:
-    """A per-epoch tqdm bar with loss and samples/s (process 0 only)."""
+    """Per-epoch progress with loss and samples/s (process 0 only).
 
-    def __init__(self, epoch: int, total: int, initial: int):
+    On a terminal it is a tqdm bar. When stderr is not a terminal (a Slurm ``.out`` file, a
+    pipe) it writes one log line every ``log_every_seconds`` and one at the end of the epoch
+    instead, so log files hold readable lines rather than thousands of carriage-return redraws.
+    """
+
+    def __init__(self, epoch: int, total: int, initial: int, log_every_seconds: float = 30.0,
+                 interactive: bool | None = None, log=None):
         self._bar = None
-        if is_writer():
+        self._enabled = is_writer()
+        if not self._enabled:
+            return
+        if interactive is None:
+            interactive = sys.stderr.isatty()
+        if interactive:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}",
                              unit="step", dynamic_ncols=True, leave=True)
+            return
+        self._epoch, self._total, self._done, self._first = epoch, total, initial, initial
+        self._every, self._postfix = log_every_seconds, {}
+        self._log = log or logging.info
+        self._start = self._last = time.monotonic()
+        self._logged_at = initial
 
     def update(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
+            return
+        if not self._enabled:
+            return
+        self._done += n
+        self._postfix.update(postfix)
+        now = time.monotonic()
+        if self._every > 0 and now - self._last >= self._every:
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = max(now - self._start, 1e-9)
+        rate = (self._done - self._first) / elapsed
+        eta = (self._total - self._done) / rate if rate > 0 else float("nan")
+        extra = "".join(f" {k}={v}" for k, v in self._postfix.items())
+        self._log(f"epoch {self._epoch + 1}: step {self._done}/{self._total} "
+                  f"({100 * self._done / max(self._total, 1):.0f}%), {rate:.2f} steps/s, "
+                  f"{_clock(elapsed)} elapsed, {_clock(eta)} left{extra}")
+        self._last, self._logged_at = now, self._done
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        elif self._enabled and self._done != self._logged_at:
+            self._line(time.monotonic())
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet.
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 def format_summary(summary: dict) -> str:

@@ -16,6 +16,8 @@
 #   JAXMM_PYTHON   Python to use (default $VENV/bin/python, VENV defaulting to <root>/.venv,
 #                  else python3 on PATH)
 #   JAXMM_PREPARE  0 skips the dataset preparation step (default 1)
+#   JAXMM_PREPARE_LOCK  a file; jobs naming the same one prepare the dataset one at a time
+#                  (slurm/sweep.sh sets it, so the tasks of a sweep never prepare concurrently)
 #   JAXMM_MAX_REQUEUES  requeues allowed before giving up (default 20)
 #   HF_HUB_OFFLINE defaults to 1: compute nodes load pre-downloaded weights only (docs/slurm.md)
 #   JAX_COMPILATION_CACHE_DIR  defaults to $WORKDIR/jax_cache (reused after a requeue)
@@ -163,7 +165,9 @@ PY
 if [ "${JAXMM_PREPARE:-1}" != 0 ]; then
   log "preparing the dataset (one task; no-op when already prepared)"
   phase=prepare
-  JAX_PLATFORMS=cpu srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" \
+  lock=()
+  [ -n "${JAXMM_PREPARE_LOCK:-}" ] && lock=(flock "$JAXMM_PREPARE_LOCK")
+  JAX_PLATFORMS=cpu "${lock[@]}" srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" \
     "$py" -c "$prepare_py" "${config_args[@]}" &
   child=$!
   wait_child || die "dataset preparation failed (exit $?)"
