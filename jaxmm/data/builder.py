@@ -105,7 +105,7 @@ class GarbageDataset(tfds.core.GeneratorBasedBuilder):
 
 SPLIT_FOLDERS = {"train": "Train", "validation": "Val", "test": "Test"}
 FOLDER_PATTERN = "CVPR_2024_dataset_{}"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = transforms.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass

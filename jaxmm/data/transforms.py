@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+# Files prepare and predict treat as images (by extension, case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Inception-style random-resized crop: area fraction and aspect-ratio range.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
