@@ -291,8 +291,8 @@ def model_logits(bundle_dir: str, spec: dict):
 
     model = build_model(spec["architecture"], len(spec["class_names"]))
     pre = spec["preprocessing"]
-    expected = jax.eval_shape(lambda r: models.init_variables(
-        model, r, pre["crop_size"], pre["text"]["max_text_length"]), jax.random.PRNGKey(0))
+    expected = jax.eval_shape(lambda: models.init_variables(
+        model, jax.random.PRNGKey(0), pre["crop_size"], pre["text"]["max_text_length"]))
     check_shapes({k: a.shape for k, a in flatten(expected).items()}, spec["weights"]["shapes"],
                  os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE), "its architecture")
     return jax.jit(functools.partial(model.apply, train=False))

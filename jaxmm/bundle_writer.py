@@ -150,8 +150,9 @@ def write_bundle(out_dir: str, *, model, variables: dict, class_names: list, tok
     tmp = _fresh_dir(out_dir)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in bundle.flatten(variables).items()}
-    save_file(flat, os.path.join(tmp, paths.BUNDLE_WEIGHTS_FILE),
-              metadata={"format": bundle.FORMAT})
+    weights = os.path.join(tmp, paths.BUNDLE_WEIGHTS_FILE)
+    save_file(flat, weights, metadata={"format": bundle.FORMAT})
+    os.chmod(weights, 0o644)  # safetensors writes it private; the bundle is meant to be shared
     tokenizer.save_pretrained(os.path.join(tmp, paths.TOKENIZER_DIR))
     crop, length = preprocessing["crop_size"], preprocessing["text"]["max_text_length"]
     with open(os.path.join(tmp, paths.BUNDLE_FUNCTION_FILE), "wb") as f:
