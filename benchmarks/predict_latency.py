@@ -103,23 +103,26 @@ def random_variables(model, config, seed: int = 0) -> dict:
 
 
 def make_workdir(config, workdir: str) -> None:
-    """A workdir as training leaves it: config.json and a best checkpoint of the model."""
-    from jaxmm import checkpointing, files, inference, models, paths, prepare, reporting
-    from jaxmm.data import pipeline
-    from jaxmm.data import tokenizer as tokenizer_lib
+    """A workdir as training leaves it: the run record, the tokenizer copy and a best checkpoint.
 
-    dataset_dir = prepare.ensure_prepared(config)
-    class_names = pipeline.dataset_meta(dataset_dir)["class_names"]
-    tokenizer = tokenizer_lib.get_tokenizer(config, dataset_dir)
-    model = models.build_model(config.model, len(class_names), len(tokenizer), axis_name=None)
+    The prepared dataset is deleted afterwards: prediction from a workdir must not need it.
+    """
+    from jaxmm import builders, checkpointing, files, paths, prepare, restore, train_log
+
+    data = builders.prepared_data(config)
+    tokenizer = builders.load_tokenizer(config, data.dataset_dir)
+    model = builders.make_model(config, len(data.class_names), len(tokenizer), axis_name=None)
     os.makedirs(workdir, exist_ok=True)
     files.write_json(paths.in_workdir(workdir, paths.CONFIG_FILE), {
-        "config": config.to_dict(), "run": reporting.run_info(), "class_names": class_names,
-        "class_weights": [1.0] * len(class_names)})
+        "config": config.to_dict(), "run": train_log.run_info(),
+        "class_names": data.class_names, "class_weights": [1.0] * len(data.class_names),
+        "preprocessing": builders.preprocessing(config, data.meta)})
+    builders.keep_tokenizer(tokenizer, workdir)
     ckpt = checkpointing.Checkpoints(workdir, 1)
     ckpt.save_best(1, random_variables(model, config), {"epoch": 1})
     ckpt.close()
-    inference.load_run(workdir, "best", axis_name=None)  # the workdir is complete
+    shutil.rmtree(prepare.prepared_dir(config))
+    restore.load_run(workdir, "best")  # complete without the dataset
 
 
 def write_photos(folder: str, count: int) -> list[str]:
@@ -159,36 +162,29 @@ def timed_process(cmd: list[str], marker: str, env: dict) -> dict:
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "line": line}
 
 
-BUNDLE_PREDICT = ("import sys, jaxmm; p = sys.argv[2]; "
-                  "print(p + ': ' + jaxmm.Classifier.load(sys.argv[1]).predict(p).labels[0])")
-
-
 def predict_cmd(path: str, kind: str, photo: str) -> list[str]:
     """The command line that predicts one photo from a workdir or a bundle."""
-    if kind == "workdir":
-        return [sys.executable, "-m", "jaxmm.predict", "--workdir", path, photo]
-    return [sys.executable, "-c", BUNDLE_PREDICT, path, photo]
+    flag = "--workdir" if kind == "workdir" else "--model"
+    return [sys.executable, "-m", "jaxmm.predict", flag, path, photo]
 
 
 def throughput_child(kind: str, path: str, folder: str, batch_size: int) -> dict:
     """In a fresh process: photos/s over a folder after one warm-up batch (the --child mode)."""
-    from jaxmm import bundle
+    from jaxmm import bundle, classify
 
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     start = time.perf_counter()
     if kind == "workdir":
-        from jaxmm import inference
+        from jaxmm import parallel, paths, restore
 
-        predictor = inference.Predictor(inference.load_run(path, "best", axis_name=None),
-                                        batch_size)
-        run = lambda fs: inference.predict_files(predictor, fs)  # noqa: E731
+        parallel.configure_xla(paths.in_workdir(path, paths.JAX_CACHE_DIR))
+        predictor = classify.Predictor(restore.load_run(path, "best"), batch_size)
     else:
-        bundle.enable_compilation_cache(bundle.default_cache_dir(path))
-        clf = bundle.Classifier.load(path, batch_size=batch_size)
-        run = lambda fs: clf.predict(fs)  # noqa: E731
-    run(files[:batch_size])
+        predictor = bundle.Classifier.load(path, batch_size=batch_size)
+    classify.predict_files(predictor, files[:batch_size])
     ready = time.perf_counter()
-    run(files)
+    rows, problems = classify.predict_files(predictor, files)
+    assert len(rows) == len(files) and not problems, problems
     seconds = time.perf_counter() - ready
     return {"photos": len(files), "seconds": round(seconds, 2),
             "photos_per_s": round(len(files) / seconds, 2),

@@ -25,15 +25,12 @@ from PIL import Image
 
 from jaxmm import paths
 from jaxmm.data import captions, transforms
+from jaxmm.errors import BundleError, ConfigError
 
 FORMAT = "jaxmm-bundle"
 FORMAT_VERSION = 1
 ENGINES = ("exported", "model")
 _SPEC_KEYS = ("class_names", "architecture", "preprocessing", "weights", "function")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used; the message is one line and names the file."""
 
 
 def _reason(error: BaseException) -> str:
@@ -338,7 +335,7 @@ class Classifier:
           BundleError: one line naming the missing, unreadable or mismatched file.
         """
         if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+            raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
         spec = read_spec(bundle_dir)
         enable_compilation_cache(default_cache_dir(bundle_dir) if cache_dir is None
                                  else cache_dir)
@@ -386,6 +383,16 @@ class Classifier:
                 raise ValueError(f"image {name}: {e}") from None
         probs = self.probabilities(crops, texts)
         return Predictions([self.class_names[k] for k in probs.argmax(-1)], probs)
+
+    def read(self, path: str, text: str) -> dict:
+        """The model's view of one file (``classify.predict_files`` calls it).
+
+        Raises ValueError (one line) when it cannot be read."""
+        return {"image": self.view(path), "text": text}
+
+    def __call__(self, examples: list[dict]) -> np.ndarray:
+        """Class probabilities [n, K] of ``read`` results."""
+        return self.probabilities([e["image"] for e in examples], [e["text"] for e in examples])
 
     def probabilities(self, crops: list[np.ndarray], texts: list[str]) -> np.ndarray:
         """Class probabilities [n, K] of preprocessed crops; one compilation per padded size."""

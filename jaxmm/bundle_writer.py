@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxmm import bundle, files, paths
 from jaxmm.data import transforms
+from jaxmm.errors import ConfigError, WorkdirError
 
 PLATFORMS = ("cpu", "cuda")
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "pillow", "safetensors", "tokenizers",
@@ -51,11 +52,12 @@ def architecture_of(model) -> dict:
     return arch
 
 
-def preprocessing_of(config, stored: dict, tokenizer) -> dict:
+def preprocessing_of(config, recorded: dict, stored: dict, tokenizer) -> dict:
     """How raw inputs become model inputs, as evaluation does it.
 
     Args:
-      config: the run's config (image_size, max_text_length, text_source).
+      config: the run's config.
+      recorded: the run record's preprocessing (image_size, max_text_length, text_source).
       stored: how prepare stored the records: size, fmt, quality, max_pixels.
       tokenizer: the run's transformers tokenizer (for its padding token).
     """
@@ -66,11 +68,12 @@ def preprocessing_of(config, stored: dict, tokenizer) -> dict:
         "stored_size": int(stored["size"]), "stored_format": stored["fmt"],
         "jpeg_quality": int(stored["quality"]), "max_pixels": int(stored["max_pixels"]),
         "crop": "centre", "crop_fraction": transforms.EVAL_CROP_FRACTION,
-        "crop_size": int(config.image_size),
+        "crop_size": int(recorded.get("image_size", config.image_size)),
         "normalisation": {"input": "uint8 RGB; x / 255, then (x - mean) / std, in the function",
                           "mean": list(resnet.IMAGENET_MEAN), "std": list(resnet.IMAGENET_STD)},
         "text": {"rule": "file name: lower-case, '_' to space, letters only",
-                 "trained_on": config.text_source, "max_text_length": int(config.max_text_length),
+                 "trained_on": recorded.get("text_source", config.text_source),
+                 "max_text_length": int(recorded.get("max_text_length", config.max_text_length)),
                  "pad_token": tokenizer.pad_token, "pad_id": int(tokenizer.pad_token_id)},
     }
 
@@ -79,7 +82,7 @@ def calibration_of(workdir: str) -> dict | None:
     """The run's fitted temperature (``calibration.json``), or None when it has none.
 
     Raises:
-      ValueError: the file exists but holds no positive temperature.
+      WorkdirError: the file exists but holds no positive temperature.
     """
     path = paths.in_workdir(workdir, paths.CALIBRATION_FILE)
     if not os.path.exists(path):
@@ -87,7 +90,7 @@ def calibration_of(workdir: str) -> dict | None:
     record = files.read_json(path)
     temperature = record.get("temperature") if isinstance(record, dict) else None
     if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"{path}: no positive 'temperature' in it")
+        raise WorkdirError(f"{path}: no positive 'temperature' in it")
     return {"temperature": float(temperature), "from": paths.CALIBRATION_FILE}
 
 
@@ -118,7 +121,7 @@ def _fresh_dir(out_dir: str) -> str:
     """A private folder next to ``out_dir``; ``out_dir`` may only be absent, empty or a bundle."""
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(
             os.path.join(out_dir, paths.BUNDLE_SPEC_FILE)):
-        raise ValueError(f"{out_dir}: exists, is not empty and is not a bundle; choose another "
+        raise ConfigError(f"{out_dir}: exists, is not empty and is not a bundle; choose another "
                          "--out")
     tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,20 +184,23 @@ def export_run(workdir: str, out_dir: str, checkpoint: str = "best",
                platforms=PLATFORMS) -> dict:
     """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``).
 
+    Needs only the workdir (its record, tokenizer copy and checkpoint), not the dataset.
+
     Returns:
       The model.json record.
     """
-    from jaxmm import inference
-    from jaxmm.data import builder, pipeline
+    from jaxmm import restore
+    from jaxmm.data import builder
 
-    run = inference.load_run(workdir, checkpoint, axis_name=None)
-    options = pipeline.dataset_meta(run.dataset_dir)["options"]
-    stored = builder.EncodeOptions(size=options.get("image_size", run.config.stored_image_size),
-                                   fmt=options.get("image_format", "jpeg"))
-    preprocessing = preprocessing_of(run.config, vars(stored), run.tokenizer)
+    run = restore.load_run(workdir, checkpoint)
+    pre, defaults = run.preprocessing, builder.EncodeOptions()
+    stored = {"size": pre["stored_image_size"], "fmt": pre["image_format"],
+              "quality": pre.get("jpeg_quality", defaults.quality),
+              "max_pixels": pre.get("max_pixels", defaults.max_pixels)}
     source = {"checkpoint": str(checkpoint), "step": int(run.step),
               "config": run.config.to_dict()}
     return write_bundle(out_dir, model=run.model, variables=run.variables,
                         class_names=run.class_names, tokenizer=run.tokenizer,
-                        preprocessing=preprocessing, calibration=calibration_of(workdir),
-                        source=source, platforms=platforms)
+                        preprocessing=preprocessing_of(run.config, pre, stored, run.tokenizer),
+                        calibration=calibration_of(workdir), source=source,
+                        platforms=platforms)

@@ -13,6 +13,7 @@ import os
 from absl import flags
 
 from jaxmm import cli
+from jaxmm.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
@@ -24,7 +25,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
     from jaxmm import bundle_writer
 
@@ -37,5 +38,10 @@ def main(argv):
           f"{', '.join(spec['function']['platforms'])}")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``jaxmm-export``)."""
     cli.run(main, "jaxmm.export")
+
+
+if __name__ == "__main__":
+    run()

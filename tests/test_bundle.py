@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_evaluate import REPO, _env, trained_run  # noqa: F401 (fixture)
+from tests.test_eval_report import REPO, _env, _read_csv, trained_run  # noqa: F401
 
 TRAINING_ONLY = ("orbax", "grain", "tensorflow_datasets", "optax")
 
@@ -29,10 +29,11 @@ def bundle_dir(trained_run, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def expected(trained_run):  # noqa: F811
     """Test-split probabilities of jaxmm's evaluation, with the raw file of every example."""
-    from jaxmm import inference
+    from jaxmm import restore, scoring
 
-    run = inference.load_run(trained_run, "best")
-    evaluator = inference.SplitEvaluator(run, "test")
+    evaluator = scoring.SplitEvaluator(restore.load_run(trained_run, "best", axis_name="batch"),
+                                       "test")
+    run = evaluator.run
     _, predictions = evaluator(collect=True)
     files = [os.path.join(run.config.data_dir, evaluator.source[int(i)]["file_name"].decode())
              for i in predictions["index"]]
@@ -78,10 +79,10 @@ def test_bundle_probabilities_equal_evaluation(bundle_dir, expected, engine):
 
 
 def test_tokenizer_matches_the_runs_transformers_tokenizer(bundle_dir, trained_run):  # noqa: F811
-    from jaxmm import bundle, inference
+    from jaxmm import bundle, restore
     from jaxmm.data import transforms
 
-    run = inference.load_run(trained_run, "best", axis_name=None)
+    run = restore.load_run(trained_run, "best")
     texts = ["plastic bottle", "", "glass jar " * 20, "Égg shells, ÜBER-long!", "x"]
     want = transforms.TokenizeBatch(run.tokenizer, 16)({"text": list(texts)})
     spec = bundle.read_spec(bundle_dir)
@@ -205,3 +206,45 @@ def test_bundle_path_imports_no_training_package_and_caches_compilation(bundle_d
     assert not roots & set(TRAINING_ONLY + ("flax", "transformers")), roots & set(TRAINING_ONLY)
     cache = os.path.join(copy, "jax_cache")
     assert os.path.isdir(cache) and os.listdir(cache)  # the next start reuses the compilation
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, "-m", "jaxmm.predict", *args], env=_env(1), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_cli_with_only_the_bundle(bundle_dir, expected, tmp_path):
+    files, texts, probs = expected
+    copy = str(tmp_path / "elsewhere" / "bundle")  # a copy that knows nothing of the run
+    shutil.copytree(bundle_dir, copy)
+    folder = tmp_path / "photos"
+    (folder / "Blue").mkdir(parents=True)
+    for f in files[:3]:
+        shutil.copy(f, folder / "Blue" / os.path.basename(f))
+    (folder / "Blue" / "corrupt.png").write_bytes(b"\x89PNG truncated")
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("image,description\n/far/away/Blue/" + os.path.basename(files[0])
+                        + ",a tin can\n")
+    out = tmp_path / "preds.csv"
+    proc = _predict("--model", copy, str(folder), "--captions", str(csv_path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [x for x in proc.stderr.splitlines() if x.startswith("skipped ")]
+    assert len(skipped) == 1 and "corrupt.png" in skipped[0]
+    rows = {os.path.basename(r["file"]): r for r in _read_csv(out)}
+    assert len(rows) == 3 and rows[os.path.basename(files[0])]["text"] == "a tin can"
+    for f, t, p in zip(files[1:3], texts[1:3], probs[1:3], strict=True):
+        row = rows[os.path.basename(f)]  # no caption: the file-name text, evaluation's probs
+        assert row["text"] == t
+        np.testing.assert_allclose([float(row[k]) for k in row if k.startswith("p_")], p,
+                                   atol=1e-5)
+
+
+def test_predict_cli_bad_bundle_is_one_line(bundle_dir, expected, tmp_path):
+    copy = _broken_copy(bundle_dir, tmp_path, "broken")
+    _wrong_shape(copy)
+    proc = _predict("--model", copy, expected[0][0])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert len(errors) == 1 and "weights.safetensors" in errors[0], proc.stderr[-2000:]
+    proc = _predict("--model", copy, "--workdir", copy, expected[0][0])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,6 +20,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow  # six fresh processes that import jax (~1 min on 2 idle cores)
 def test_predict_latency_tiny(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "r.json"

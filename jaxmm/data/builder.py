@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from jaxmm import paths
 from jaxmm.data import captions as captions_lib
-from jaxmm.data import dedup
+from jaxmm.data import dedup, transforms
 from jaxmm.errors import PrepareError
 
 DATASET_NAME = paths.DATASET_NAME
