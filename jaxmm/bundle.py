@@ -174,38 +174,13 @@ class Tokenizer:
                 np.array([e.attention_mask for e in encodings], np.int32))
 
 
-class ImageView:
-    """Turns a path, PIL image or uint8 array into the model's uint8 [S, S, 3] crop."""
-
-    def __init__(self, pre: dict):
-        if pre["crop_fraction"] != transforms.EVAL_CROP_FRACTION:
-            raise BundleError(f"{paths.BUNDLE_SPEC_FILE}: crop fraction {pre['crop_fraction']} "
-                              f"is not this jaxmm's ({transforms.EVAL_CROP_FRACTION})")
-        self.stored_size, self.fmt = int(pre["stored_size"]), pre["stored_format"]
-        self.quality, self.max_pixels = int(pre["jpeg_quality"]), int(pre["max_pixels"])
-        self.crop_size = int(pre["crop_size"])
-
-    def __call__(self, image) -> np.ndarray:
-        """Raises ValueError (one line) when the image cannot be read or has a bad shape."""
-        if isinstance(image, (str, os.PathLike)):
-            data, reason = transforms.encode_file(
-                (os.fspath(image), self.stored_size, self.fmt, self.quality, self.max_pixels))
-            if data is None:
-                raise ValueError(reason)
-        else:
-            img = image if isinstance(image, Image.Image) else _array_image(image)
-            img = transforms.resize_shorter(transforms.to_rgb(img), self.stored_size)
-            data = transforms.encode(img, self.fmt, self.quality)
-        return np.asarray(transforms.center_crop(transforms.as_pil(data), self.crop_size))
-
-
-def _array_image(array) -> Image.Image:
-    array = np.asarray(array)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
-            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"an image array must be uint8 [H, W], [H, W, 1|3|4], got "
-                         f"{array.dtype} {array.shape}")
-    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+def image_view(pre: dict) -> transforms.RawView:
+    """The model's view of raw images, from model.json's preprocessing."""
+    if pre["crop_fraction"] != transforms.EVAL_CROP_FRACTION:
+        raise BundleError(f"{paths.BUNDLE_SPEC_FILE}: crop fraction {pre['crop_fraction']} is "
+                          f"not this jaxmm's ({transforms.EVAL_CROP_FRACTION})")
+    return transforms.RawView(pre["stored_size"], pre["stored_format"], pre["jpeg_quality"],
+                              pre["max_pixels"], pre["crop_size"])
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -313,7 +288,7 @@ class Classifier:
         self.bundle_dir, self.spec, self.batch_size = bundle_dir, spec, batch_size
         self.class_names = list(spec["class_names"])
         self.temperature = temperature
-        self.view = ImageView(pre)
+        self.view = image_view(pre)
         self.tokenize = Tokenizer(bundle_dir, pre["text"])
         self._logits = logits_fn
         self._variables = jax.device_put(variables)

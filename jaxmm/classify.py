@@ -58,8 +58,7 @@ class Predictor:
         import jax
 
         self.run, self.batch_size, self.class_names = run, batch_size, run.class_names
-        self._encode = _stored_encoding(run)
-        self._view = transforms.EvalTransform(run.config.image_size)
+        self._view = _raw_view(run)
         self._tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
         self._apply = jax.jit(functools.partial(run.model.apply, train=False))
         self._variables = jax.device_put(run.variables)
@@ -67,12 +66,7 @@ class Predictor:
 
     def read(self, path: str, text: str) -> dict:
         """The eval view of one file. Raises ValueError (one line) when it cannot be read."""
-        o = self._encode
-        data, reason = transforms.encode_file((os.path.abspath(path), o.size, o.fmt, o.quality,
-                                               o.max_pixels))
-        if data is None:
-            raise ValueError(reason)
-        return self._view({"image": data, "text": text, "label": 0})
+        return {"image": self._view(path), "text": text}
 
     def __call__(self, examples: list[dict]) -> np.ndarray:
         """Class probabilities [n, K]; batches are padded to one shape (one compilation)."""
@@ -88,14 +82,14 @@ class Predictor:
         return np.concatenate(out)[:len(examples)] if out else np.zeros((0, 0))
 
 
-def _stored_encoding(run: "restore.Run"):
-    # The size and format prepare stored the records with, so raw files get the same treatment.
+def _raw_view(run: "restore.Run") -> transforms.RawView:
+    # What prepare did to the training records (size, format), then the eval centre crop.
     from jaxmm.data import builder
 
     pre, default = run.preprocessing, builder.EncodeOptions()
-    return builder.EncodeOptions(size=pre["stored_image_size"], fmt=pre["image_format"],
-                                 quality=pre.get("jpeg_quality", default.quality),
-                                 max_pixels=pre.get("max_pixels", default.max_pixels))
+    return transforms.RawView(pre["stored_image_size"], pre["image_format"],
+                              pre.get("jpeg_quality", default.quality),
+                              pre.get("max_pixels", default.max_pixels), run.config.image_size)
 
 
 def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "best",
