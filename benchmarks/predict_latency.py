@@ -139,11 +139,31 @@ def write_photos(folder: str, count: int) -> list[str]:
     return out
 
 
+# Runs a module as ``python -m`` would and reports the process's own peak resident memory
+# (VmHWM) at exit: ru_maxrss of a child would include the parent's size at the fork.
+PEAK_WRAPPER = """import atexit, runpy, sys
+def _peak():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            print('PEAK_KB', line.split()[1], file=sys.stderr)
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
+    return round(kb / 1024, 1)
+
+
 def timed_process(cmd: list[str], marker: str, env: dict) -> dict:
     """Runs a command; seconds from start to the first stdout line starting with ``marker``.
 
     Returns:
-      dict(first_s, total_s, peak_rss_mb, line): the process's own peak resident memory.
+      dict(first_s, total_s, cpu_s (user + system of the whole process), peak_rss_mb, line).
     """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -158,14 +178,16 @@ def timed_process(cmd: list[str], marker: str, env: dict) -> dict:
     total = time.perf_counter() - start
     if proc.returncode != 0 or first is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr[-2000:]}")
+    peak = [int(x.split()[1]) for x in stderr.splitlines() if x.startswith("PEAK_KB")]
     return {"first_s": round(first, 2), "total_s": round(total, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "line": line}
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(peak[-1] / 1024, 1) if peak else None, "line": line}
 
 
 def predict_cmd(path: str, kind: str, photo: str) -> list[str]:
     """The command line that predicts one photo from a workdir or a bundle."""
     flag = "--workdir" if kind == "workdir" else "--model"
-    return [sys.executable, "-m", "jaxmm.predict", flag, path, photo]
+    return [sys.executable, "-c", PEAK_WRAPPER, "jaxmm.predict", flag, path, photo]
 
 
 def throughput_child(kind: str, path: str, folder: str, batch_size: int) -> dict:
@@ -188,7 +210,7 @@ def throughput_child(kind: str, path: str, folder: str, batch_size: int) -> dict
     seconds = time.perf_counter() - ready
     return {"photos": len(files), "seconds": round(seconds, 2),
             "photos_per_s": round(len(files) / seconds, 2),
-            "load_and_warmup_s": round(ready - start, 2)}
+            "load_and_warmup_s": round(ready - start, 2), "peak_rss_mb": peak_rss_mb()}
 
 
 def measure(kind: str, path: str, photo: str, folder: str, args, env: dict) -> dict:
@@ -199,8 +221,8 @@ def measure(kind: str, path: str, photo: str, folder: str, args, env: dict) -> d
            "warm": timed_process(predict_cmd(path, kind, photo), photo, env)}
     child = [sys.executable, os.path.abspath(__file__), "--child", kind, path, folder,
              "--batch_size", str(args.batch_size)]
-    out["throughput"] = timed_process(child, "{", env)
-    out["throughput"].update(json.loads(out["throughput"].pop("line")))
+    timed = timed_process(child, "{", env)
+    out["throughput"] = {**json.loads(timed["line"]), "cpu_s": timed["cpu_s"]}
     out["cache_mb"] = round(sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
                                 os.walk(cache) for f in fs) / 2**20, 1) if os.path.isdir(
                                     cache) else 0.0
@@ -271,6 +293,7 @@ def table(result: dict) -> str:
     """The side-by-side table of a result."""
     rows = [("first prediction, cold cache (s)", lambda r: r["cold"]["first_s"]),
             ("first prediction, warm cache (s)", lambda r: r["warm"]["first_s"]),
+            ("CPU time of that process (s)", lambda r: r["warm"]["cpu_s"]),
             ("photos/s (in-process, after warm-up)", lambda r: r["throughput"]["photos_per_s"]),
             ("peak memory, warm first prediction (MB)", lambda r: r["warm"]["peak_rss_mb"]),
             ("peak memory, throughput (MB)", lambda r: r["throughput"]["peak_rss_mb"]),
