@@ -107,21 +107,23 @@ def make_workdir(config, workdir: str) -> None:
 
     The prepared dataset is deleted afterwards: prediction from a workdir must not need it.
     """
-    from jaxmm import builders, checkpointing, files, paths, prepare, restore, train_log
+    from jaxmm import builders, checkpointing, restore, run_record, train_log
+    from jaxmm.data import prepared
 
     data = builders.prepared_data(config)
     tokenizer = builders.load_tokenizer(config, data.dataset_dir)
     model = builders.make_model(config, len(data.class_names), len(tokenizer), axis_name=None)
     os.makedirs(workdir, exist_ok=True)
-    files.write_json(paths.in_workdir(workdir, paths.CONFIG_FILE), {
+    run_record.write(workdir, {
         "config": config.to_dict(), "run": train_log.run_info(),
         "class_names": data.class_names, "class_weights": [1.0] * len(data.class_names),
-        "preprocessing": builders.preprocessing(config, data.meta)})
+        "preprocessing": builders.preprocessing(config, data.meta),
+        "data": run_record.data_record(data.dataset_dir, data.meta)})
     builders.keep_tokenizer(tokenizer, workdir)
     ckpt = checkpointing.Checkpoints(workdir, 1)
     ckpt.save_best(1, random_variables(model, config), {"epoch": 1})
     ckpt.close()
-    shutil.rmtree(prepare.prepared_dir(config))
+    shutil.rmtree(prepared.prepared_dir(config))
     restore.load_run(workdir, "best")  # complete without the dataset
 
 

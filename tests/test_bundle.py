@@ -248,3 +248,5 @@ def test_predict_cli_bad_bundle_is_one_line(bundle_dir, expected, tmp_path):
     assert len(errors) == 1 and "weights.safetensors" in errors[0], proc.stderr[-2000:]
     proc = _predict("--model", copy, "--workdir", copy, expected[0][0])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = _predict("--model", bundle_dir, os.path.dirname(expected[0][0]))  # a folder
+    assert proc.returncode == 1 and "give --out" in proc.stderr and "Traceback" not in proc.stderr
