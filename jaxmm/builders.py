@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps, warm_start
-from jaxmm.data import pipeline, prepared
+from jaxmm.data import builder, pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
 
@@ -124,9 +124,10 @@ def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> dict:
     Raw files get what prepare did to the training records (resize to the stored size,
     re-encode), then the evaluation centre crop of ``image_size``.
     """
-    options = meta["options"]
+    options, encoding = meta["options"], builder.EncodeOptions()  # prepare's quality, limit
     return {"stored_image_size": options.get("stored_image_size", options.get("image_size")),
             "image_format": options.get("image_format", "jpeg"),
+            "jpeg_quality": encoding.quality, "max_pixels": encoding.max_pixels,
             "text_source": options.get("text_source", config.text_source),
             "image_size": config.image_size, "max_text_length": config.max_text_length}
 

@@ -1,18 +1,31 @@
-"""Classifying raw image files (with texts) with a rebuilt run: the work behind
-``jaxmm.predict``.
+"""Classifying raw image files (with texts): the work behind ``jaxmm.predict``.
 
-Raw files are preprocessed exactly like the evaluation records: prepare's decode + RGB + resize
-+ re-encode, then the eval centre crop; texts follow the dataset's file-name rule unless given.
+Two predictors share ``predict_files``: ``Predictor`` (a run rebuilt from its workdir) and
+``jaxmm.bundle.Classifier`` (an export bundle). Raw files are preprocessed exactly like the
+evaluation records: prepare's decode + RGB + resize + re-encode, then the eval centre crop; texts
+follow the dataset's file-name rule unless given (one text, or a captions CSV).
+
+Importing this module is cheap (no jax, orbax, grain or TFDS): the bundle path uses it.
 """
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
-from jaxmm import restore, scoring
-from jaxmm.data import builder, captions, transforms
+from jaxmm.data import captions, transforms
+from jaxmm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxmm import restore
+
+
+def prediction_row(probs, class_names: list, **fields) -> dict:
+    """One prediction as a report row: ``fields``, predicted class, confidence, p_<class>."""
+    k = int(np.argmax(probs))
+    return {**fields, "predicted": class_names[k], "confidence": float(probs[k]),
+            **{f"p_{c}": float(v) for c, v in zip(class_names, probs, strict=True)}}
 
 
 def find_images(paths) -> tuple[list[str], list[str], bool]:
@@ -26,7 +39,7 @@ def find_images(paths) -> tuple[list[str], list[str], bool]:
         if os.path.isdir(path):
             any_folder = True
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                           for name in names if name.lower().endswith(builder.IMAGE_EXTENSIONS))
+                           for name in names if name.lower().endswith(transforms.IMAGE_EXTENSIONS))
             files += found
             if not found:
                 problems.append(f"{path}: no image files in this folder")
@@ -41,22 +54,19 @@ class Predictor:
     """Classifies raw image files (+ texts) on one device, preprocessed exactly like evaluation:
     prepare's decode + RGB + resize + re-encode, then the eval centre crop."""
 
-    def __init__(self, run: restore.Run, batch_size: int = 16):
-        self.run, self.batch_size = run, batch_size
-        self._encode = _stored_encoding(run)
-        self._view = transforms.EvalTransform(run.config.image_size)
+    def __init__(self, run: "restore.Run", batch_size: int = 16):
+        import jax
+
+        self.run, self.batch_size, self.class_names = run, batch_size, run.class_names
+        self._view = _raw_view(run)
         self._tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
         self._apply = jax.jit(functools.partial(run.model.apply, train=False))
         self._variables = jax.device_put(run.variables)
+        self._softmax = functools.partial(jax.nn.softmax, axis=-1)
 
-    def load(self, path: str, text: str) -> dict:
+    def read(self, path: str, text: str) -> dict:
         """The eval view of one file. Raises ValueError (one line) when it cannot be read."""
-        o = self._encode
-        data, reason = transforms.encode_file((os.path.abspath(path), o.size, o.fmt, o.quality,
-                                               o.max_pixels))
-        if data is None:
-            raise ValueError(reason)
-        return self._view({"image": data, "text": text, "label": 0})
+        return {"image": self._view(path), "text": text}
 
     def __call__(self, examples: list[dict]) -> np.ndarray:
         """Class probabilities [n, K]; batches are padded to one shape (one compilation)."""
@@ -68,42 +78,101 @@ class Predictor:
                                         "text": [e["text"] for e in chunk]})
             logits = self._apply(self._variables, batch["image"], batch["input_ids"],
                                  batch["attention_mask"])
-            out.append(np.asarray(jax.nn.softmax(logits, -1))[:len(examples) - start])
+            out.append(np.asarray(self._softmax(logits))[:len(examples) - start])
         return np.concatenate(out)[:len(examples)] if out else np.zeros((0, 0))
 
 
-def _stored_encoding(run: restore.Run) -> builder.EncodeOptions:
-    # The size and format prepare stored the records with, so raw files get the same treatment.
-    return builder.EncodeOptions(size=run.preprocessing["stored_image_size"],
-                                 fmt=run.preprocessing["image_format"])
+def _raw_view(run: "restore.Run") -> transforms.RawView:
+    # What prepare did to the training records (size, format), then the eval centre crop.
+    from jaxmm.data import builder
+
+    pre, default = run.preprocessing, builder.EncodeOptions()
+    return transforms.RawView(pre["stored_image_size"], pre["image_format"],
+                              pre.get("jpeg_quality", default.quality),
+                              pre.get("max_pixels", default.max_pixels), run.config.image_size)
 
 
-def predict_files(predictor: Predictor, files: list[str], text: str | None = None,
-                  ) -> tuple[list[dict], list[str]]:
+def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "best",
+                   batch_size: int = 16):
+    """A predictor for ``predict_files``: a bundle's Classifier or a rebuilt run's Predictor.
+
+    Args:
+      workdir: a training workdir (None with a bundle).
+      model: a bundle folder written by ``jaxmm.export`` (None with a workdir).
+      checkpoint: "best", "latest" or a step number (workdir only).
+      batch_size: images per forward pass.
+
+    Returns:
+      (predictor, the text source the model was trained on).
+    """
+    if model:
+        from jaxmm import bundle
+
+        clf = bundle.Classifier.load(model, batch_size=batch_size)
+        return clf, clf.spec["preprocessing"]["text"]["trained_on"]
+    from jaxmm import restore
+
+    run = restore.load_run(workdir, checkpoint)
+    return Predictor(run, batch_size), run.preprocessing["text_source"]
+
+
+def text_rule(text: str | None = None, captions_csv: str = "",
+              text_source: str = "filename"):
+    """How a file gets its text: one text for all, its caption, or its file name.
+
+    Args:
+      text: the text of every file (wins over the rest).
+      captions_csv: a captions CSV (``image,description``), joined on (folder, base name); a
+        file without a caption gets its file-name text.
+      text_source: what the model was trained on; "both" puts the file-name text first.
+
+    Returns:
+      A function from a path to its text.
+
+    Raises:
+      ConfigError: the CSV is missing, unreadable or lacks the two columns.
+    """
+    if text is not None:
+        return lambda path: text
+    if not captions_csv:
+        return captions.text_from_filename
+    if not os.path.isfile(captions_csv):
+        raise ConfigError(f"--captions {captions_csv}: no such file")
+    try:
+        table = captions.load_captions(captions_csv)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--captions {captions_csv}: {str(e).splitlines()[0]}") from None
+    source = text_source if text_source in ("caption", "both") else "caption"
+    return lambda path: captions.sample_text(path, source, table)[0]
+
+
+def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], list[str]]:
     """Predicts image files in batches; unreadable files are reported, not fatal.
 
     Args:
-      predictor: from ``Predictor(run)``.
+      predictor: a ``Predictor`` or a ``jaxmm.bundle.Classifier`` (both have class_names,
+        batch_size, ``read(path, text)`` and ``__call__(examples) -> probabilities``).
       files: image paths.
-      text: the text for every file, or None for the file-name rule of the dataset.
+      text: one text for every file, a function from path to text (``text_rule``), or None for
+        the file-name rule of the dataset.
 
     Returns:
       (rows, problems): rows hold file, text, predicted, confidence and p_<class>; problems
       are one line per file that could not be read.
     """
-    names = predictor.run.class_names
+    text_of = text if callable(text) else text_rule(text)
+    names = predictor.class_names
     rows, problems, pending = [], [], []
 
     def flush():
         probs = predictor([example for _, example in pending])
         for (path, example), p in zip(pending, probs, strict=True):
-            rows.append(scoring.prediction_row(p, names, file=path, text=example["text"]))
+            rows.append(prediction_row(p, names, file=path, text=example["text"]))
         pending.clear()
 
     for path in files:
         try:
-            t = captions.text_from_filename(path) if text is None else text
-            pending.append((path, predictor.load(path, t)))
+            pending.append((path, predictor.read(path, text_of(path))))
         except ValueError as e:
             problems.append(f"{path}: {e}")
         if len(pending) == predictor.batch_size:

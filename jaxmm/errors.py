@@ -40,3 +40,7 @@ class WorkdirError(UserError, FileNotFoundError):
 
 class DivergedError(UserError, FloatingPointError):
     """The loss or the gradient norm became NaN or infinite: the run diverged."""
+
+
+class BundleError(UserError, ValueError):
+    """An export bundle that cannot be used: a missing, unreadable or mismatched file (named)."""

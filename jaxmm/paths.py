@@ -22,6 +22,13 @@ BEST_DIR = "best"  # params + batch statistics of the best validation epoch (orb
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
 SET_ASIDE_DIR = "set_aside"  # checkpoints moved out of the way (unreadable, or from a replay)
 LOCK_FILE = "train.lock"  # host, pid and Slurm job of the training run using the workdir
+CALIBRATION_FILE = "calibration.json"  # a fitted temperature ({"temperature": T}), if any
+
+# --- An export bundle (written by jaxmm.export, read by jaxmm.bundle) -----------------------
+# It also holds TOKENIZER_DIR, and JAX_CACHE_DIR when the folder is writable.
+BUNDLE_SPEC_FILE = "model.json"  # format version, architecture, classes, preprocessing, ...
+BUNDLE_WEIGHTS_FILE = "weights.safetensors"  # params + batch statistics, "/"-joined names
+BUNDLE_FUNCTION_FILE = "predict.jaxexport"  # serialized jax.export function (StableHLO)
 
 # --- A sweep folder (slurm/sweep.sh): one workdir per run, <index>-<overrides> ------------------
 SWEEP_FILE = "sweep.json"  # the runs of the sweep: names, overrides, trainer arguments

@@ -1,14 +1,15 @@
-"""Classifies image files (with texts) using a trained run.
+"""Classifies image files (with texts) using a trained run or an export bundle.
 
-    python -m jaxmm.predict --workdir runs/x PATH... [--text "plastic bottle"]
-        [--checkpoint best] [--out preds.csv] [--batch_size 16]
+    python -m jaxmm.predict --workdir runs/x PATH... [--checkpoint best]
+    python -m jaxmm.predict --model bundle/ PATH...      # only the bundle needed, offline
+        [--text "plastic bottle" | --captions captions.csv] [--out preds.csv] [--batch_size 16]
 
-PATH is an image file or a folder (searched recursively). Each image's text is ``--text`` or,
-as in the dataset, derived from its file name. Images are preprocessed exactly like evaluation.
-Files are printed with their class probabilities; with a folder or ``--out`` a CSV is written
-(``<workdir>/predictions.csv`` when ``--out`` is not given; nothing is written anywhere else).
-Unreadable files are reported on stderr, one line each, and the rest are still predicted; the
-exit code is 1 only when nothing was predicted.
+PATH is an image file or a folder (searched recursively). Each image's text is ``--text``, its
+caption in ``--captions`` (an ``image,description`` CSV) or, as in the dataset, its file name.
+Images are preprocessed exactly like evaluation. Files are printed with their probabilities;
+with a folder or ``--out`` a CSV is written (default with ``--workdir``:
+``<workdir>/predictions.csv``); nothing is written anywhere else. Unreadable files are reported
+on stderr, one line each; the exit code is 1 only when nothing was predicted.
 """
 
 import os
@@ -20,11 +21,13 @@ from jaxmm import cli, paths
 from jaxmm.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
+_MODEL = flags.DEFINE_string("model", None, "Bundle folder written by jaxmm.export.")
 _TEXT = flags.DEFINE_string("text", None, "Text of every image; default: from the file name.")
+_CAPTIONS = flags.DEFINE_string("captions", "", "CSV (image,description) of the images' texts.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_OUT = flags.DEFINE_string("out", "", "CSV file to write; default predictions.csv for folders.")
+_OUT = flags.DEFINE_string("out", "", "CSV file to write (needed for folders with --model).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
-flags.mark_flags_as_required(["workdir"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True)
 
 
 def main(argv):
@@ -32,28 +35,35 @@ def main(argv):
         raise ConfigError("give at least one image file or folder")
     if _BATCH.value < 1:
         raise ConfigError(f"--batch_size={_BATCH.value} must be at least 1")
+    if _WORKDIR.value:  # the run's compiled programs are kept in its workdir
+        from jaxmm import parallel
+
+        parallel.configure_xla(paths.in_workdir(_WORKDIR.value, paths.JAX_CACHE_DIR))
     cli.setup_logging()
-    from jaxmm import classify, files, restore
+    from jaxmm import classify, files
 
     images, problems, any_folder = classify.find_images(argv[1:])
     if not images:
         raise ConfigError("; ".join(problems))
-    run = restore.load_run(_WORKDIR.value, _CHECKPOINT.value)
-    rows, unreadable = classify.predict_files(classify.Predictor(run, _BATCH.value), images,
-                                              _TEXT.value)
+    if any_folder and _MODEL.value and not _OUT.value:
+        raise ConfigError("give --out FILE.csv for the predictions of a folder")
+    predictor, text_source = classify.open_predictor(_WORKDIR.value, _MODEL.value,
+                                                     _CHECKPOINT.value, _BATCH.value)
+    text = classify.text_rule(_TEXT.value, _CAPTIONS.value, text_source)
+    rows, unreadable = classify.predict_files(predictor, images, text)
     for line in problems + unreadable:
         print(f"skipped {line}", file=sys.stderr)
+    names = predictor.class_names
     out = _OUT.value or (paths.in_workdir(_WORKDIR.value, paths.PREDICTIONS_FILE)
                          if any_folder else "")
     if out:
-        columns = ["file", "text", "predicted", "confidence"] + [f"p_{c}" for c in run.class_names]
-        files.write_csv(out, rows, columns)
+        files.write_csv(out, rows, ["file", "text", "predicted", "confidence"]
+                        + [f"p_{c}" for c in names])
         print(f"{len(rows)} predictions written to {os.path.abspath(out)}")
-    else:
-        for r in rows:
-            probs = "  ".join(f"{c} {r[f'p_{c}']:.3f}" for c in run.class_names)
-            print(f"{r['file']}: {r['predicted']} ({r['confidence']:.3f})  text '{r['text']}'  "
-                  f"[{probs}]")
+    for r in [] if out else rows:
+        probs = "  ".join(f"{c} {r[f'p_{c}']:.3f}" for c in names)
+        print(f"{r['file']}: {r['predicted']} ({r['confidence']:.3f})  text '{r['text']}'  "
+              f"[{probs}]")
     if not rows:
         sys.exit(1)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxmm import files, parallel, steps
 from jaxmm import metrics as metrics_lib
+from jaxmm.classify import prediction_row
 from jaxmm.data import pipeline
 from jaxmm.errors import ConfigError
 
@@ -96,9 +97,9 @@ class SplitEvaluator:
     """Evaluates one split of a run, every example exactly once, on all devices and processes."""
 
     def __init__(self, run: "restore.Run", split: str):
-        sources = pipeline.load_splits(run.dataset_dir)
+        sources = pipeline.load_splits(run.dataset_dir, (split,))  # only this split's files
         if split not in sources:
-            raise ConfigError(f"unknown split {split!r}; {run.dataset_dir} has {sorted(sources)}")
+            raise ConfigError(f"{run.dataset_dir} has no {split!r} split")
         self.run, self.split, self.source = run, split, sources[split]
         # The run's eval batch, rounded up so that any device count splits it evenly.
         self.local_batch = parallel.local_batch_size(run.config.eval_batch_size,
@@ -157,13 +158,6 @@ def gather_predictions(local: dict, capacity: int, num_examples: int) -> dict:
         raise RuntimeError(f"evaluation saw {len(index)} rows ({len(np.unique(index))} distinct) "
                            f"for a split of {num_examples} examples")
     return {"index": index, "probs": probs}
-
-
-def prediction_row(probs, class_names: list, **fields) -> dict:
-    """One prediction as a report row: ``fields``, predicted class, confidence, p_<class>."""
-    k = int(np.argmax(probs))
-    return {**fields, "predicted": class_names[k], "confidence": float(probs[k]),
-            **{f"p_{c}": float(v) for c, v in zip(class_names, probs, strict=True)}}
 
 
 def subset_metrics(source, predictions: dict, class_names: list, class_weights,

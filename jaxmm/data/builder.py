@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from jaxmm import paths
 from jaxmm.data import captions as captions_lib
-from jaxmm.data import dedup
+from jaxmm.data import dedup, transforms
 from jaxmm.errors import PrepareError
 
 DATASET_NAME = paths.DATASET_NAME
@@ -105,7 +105,7 @@ class GarbageDataset(tfds.core.GeneratorBasedBuilder):
 
 SPLIT_FOLDERS = {"train": "Train", "validation": "Val", "test": "Test"}
 FOLDER_PATTERN = "CVPR_2024_dataset_{}"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = transforms.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass

@@ -24,11 +24,12 @@ from jaxmm.errors import ConfigError
 SPLITS = ("train", "validation", "test")
 
 
-def load_splits(dataset_dir: str) -> dict:
+def load_splits(dataset_dir: str, splits=SPLITS) -> dict:
     """Opens the prepared splits as random-access sources (images left encoded).
 
     Args:
       dataset_dir: the TFDS dataset directory returned by prepared.ensure_prepared.
+      splits: the splits to open (evaluation opens one, so the others' files may be absent).
 
     Returns:
       split name -> source with ``len`` and ``[i]`` giving dict(image=bytes, text=bytes,
@@ -38,7 +39,7 @@ def load_splits(dataset_dir: str) -> dict:
 
     b = tfds.builder_from_directory(dataset_dir)
     skip = {"image": tfds.decode.SkipDecoding()}
-    return {s: b.as_data_source(s, decoders=skip) for s in SPLITS if s in b.info.splits}
+    return {s: b.as_data_source(s, decoders=skip) for s in splits if s in b.info.splits}
 
 
 def dataset_meta(dataset_dir: str) -> dict:

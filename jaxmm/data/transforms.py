@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+# Files prepare and predict treat as images (by extension, case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Inception-style random-resized crop: area fraction and aspect-ratio range.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -130,6 +132,46 @@ def as_pil(image) -> Image.Image:
     if isinstance(image, (bytes, np.bytes_)):
         return to_rgb(Image.open(io.BytesIO(image)))
     return Image.fromarray(np.asarray(image))
+
+
+class RawView:
+    """A raw image as evaluation sees it: prepare's decode, RGB, shorter-side resize and
+    re-encode at the stored size, then the centre crop (``EvalTransform``'s view).
+
+    Args:
+      stored_size, fmt, quality, max_pixels: how prepare stored the training records.
+      crop_size: side of the model's square input.
+    """
+
+    def __init__(self, stored_size: int, fmt: str, quality: int, max_pixels: int,
+                 crop_size: int):
+        self.stored = (int(stored_size), fmt, int(quality), int(max_pixels))
+        self.crop_size = int(crop_size)
+
+    def __call__(self, image) -> np.ndarray:
+        """uint8 [crop, crop, 3] of a path, PIL image or uint8 array ([H, W] or [H, W, 1|3|4]).
+
+        Raises:
+          ValueError: one line, when the file cannot be decoded or the array is not an image.
+        """
+        size, fmt, quality, max_pixels = self.stored
+        if isinstance(image, (str, os.PathLike)):
+            data, reason = encode_file((os.path.abspath(image), size, fmt, quality, max_pixels))
+            if data is None:
+                raise ValueError(reason)
+        else:
+            img = image if isinstance(image, Image.Image) else _array_image(image)
+            data = encode(resize_shorter(to_rgb(img), size), fmt, quality)
+        return np.asarray(center_crop(as_pil(data), self.crop_size))
+
+
+def _array_image(array) -> Image.Image:
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"an image array must be uint8 [H, W] or [H, W, 1|3|4], got "
+                         f"{array.dtype} {array.shape}")
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:

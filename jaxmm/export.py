@@ -1,0 +1,47 @@
+"""Exports a trained run as a self-contained bundle folder.
+
+    python -m jaxmm.export --workdir runs/x [--checkpoint best|latest|STEP] --out bundle/
+
+The bundle holds model.json (architecture, classes, preprocessing, calibration, versions),
+weights.safetensors, the tokenizer and a serialized jax.export function (StableHLO for CPU and
+CUDA), so it runs where only the bundle is: ``python -m jaxmm.predict --model bundle/ PHOTO``
+or ``jaxmm.Classifier.load("bundle/")``.
+"""
+
+import os
+
+from absl import flags
+
+from jaxmm import cli
+from jaxmm.errors import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+_OUT = flags.DEFINE_string("out", None, "Bundle folder to write (replaced if it is a bundle).")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"],
+                               "Platforms the inference function is lowered for.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
+    from jaxmm import bundle_writer
+
+    spec = bundle_writer.export_run(_WORKDIR.value, _OUT.value, _CHECKPOINT.value,
+                                    tuple(_PLATFORMS.value))
+    weights = spec["weights"]
+    print(f"bundle written to {os.path.abspath(_OUT.value)}: {len(spec['class_names'])} classes, "
+          f"{weights['values']:,} weights in {weights['count']} tensors, step "
+          f"{spec['source']['step']} ({spec['source']['checkpoint']}), function for "
+          f"{', '.join(spec['function']['platforms'])}")
+
+
+def run():
+    """Console-script entry point (``jaxmm-export``)."""
+    cli.run(main, "jaxmm.export")
+
+
+if __name__ == "__main__":
+    run()
