@@ -18,10 +18,10 @@ from tests.test_loop import ROOT, _env, _train_cmd, tiny_config
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from jaxmm import prepare
+    from jaxmm.data import prepared
 
     path = str(tmp_path_factory.mktemp("demo_data"))
-    prepare.ensure_prepared(tiny_config(path))
+    prepared.ensure_prepared(tiny_config(path))
     return path
 
 
