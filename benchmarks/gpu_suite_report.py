@@ -51,7 +51,10 @@ def versions(out_path: str) -> int:
 
         res["torch_cuda"] = {"available": torch.cuda.is_available(), "cuda": torch.version.cuda}
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    print(json.dumps(res, indent=1))
+    for name, v in res["packages"].items():
+        print(f"{name:<20} {v['version']:<14} {v['from']}" if isinstance(v, dict) else
+              f"{name:<20} {v}")
+    print(json.dumps({k: v for k, v in res.items() if k != "packages"}))
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
     return 1 if missing else 0
