@@ -93,7 +93,10 @@ def demo_checks(work: str, name: str, cpu_accuracy: float) -> dict | None:
     except OSError:
         pass
     finite = all(x is None or math.isfinite(x) for x in losses)
-    test = _load(os.path.join(workdir, paths.EVAL_DIR, "test", "metrics.json")) or {}
+    from jaxmm import eval_report
+
+    test_dir = eval_report.eval_dir(workdir, "test", "best", 0)  # what the suite's evaluate wrote
+    test = _load(os.path.join(test_dir, paths.EVAL_METRICS_FILE)) or {}
     acc = test.get("accuracy")
     return {"status": summary.get("status"), "compile_seconds": summary.get("compile_seconds"),
             "losses_finite": finite, "test_accuracy": acc,

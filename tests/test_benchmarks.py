@@ -148,7 +148,7 @@ def test_gpu_suite_summary_checks_goals_and_demo_runs(tmp_path):
     demo = work / "demo_bf16"
     _write(str(demo / "train_summary.json"), {"status": "finished", "compile_seconds": 9.0})
     _write(str(demo / "metrics.jsonl"), '{"loss": 1.2}\n{"loss": NaN}\n')
-    _write(str(demo / "eval" / "test" / "metrics.json"), {"accuracy": 0.81})
+    _write(str(demo / "eval" / "best" / "test" / "metrics.json"), {"accuracy": 0.81})
     _write(str(demo / "jax_cache" / "a"), "")
     _write(str(demo / "jax_cache" / "b"), "")
     _write(str(out / "demo_cache_before.json"), ["a"])
