@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# Training-throughput suite for one GPU machine (written for one H100): jaxmm in bf16 and fp32
-# (train step alone + end to end through grain) and the PyTorch reference (original + tuned),
-# every result as JSON in OUTDIR plus summary.json with the goals checked.
+# One GPU machine, one script, under 8 minutes with the install: is jaxmm correct and fast there?
 #
-#   benchmarks/gpu_suite.sh WHEELDIR OUTDIR          (run from anywhere; OUTDIR default $OUT)
+#   benchmarks/gpu_suite.sh WHEELDIR [OUTDIR]          (from anywhere; OUTDIR default $OUT)
+#   DRY_RUN=1 benchmarks/gpu_suite.sh - OUTDIR         (tiny sizes on a CPU: the plumbing only)
 #
-# WHEELDIR holds wheels for whatever the machine lacks (it may have no internet). Nothing is
-# installed when the interpreter already imports jax with a GPU, jaxmm's dependencies and torch.
-# Otherwise a venv (--system-site-packages, so preinstalled packages are reused) is made in
-# $VENV and filled with `pip install --no-index --find-links WHEELDIR`; pass "-" as WHEELDIR to
-# install from the package index instead (needs internet).
-# Fill WHEELDIR on a machine with internet, the same CPU architecture (x86_64), glibc and Python
-# version (3.11) as the GPU machine, from the repository root:
-#   python3.11 -m pip download -d WHEELDIR -r requirements.txt "jax[cuda12]==0.10.2" torch==2.13.0
-#   python3.11 -m pip wheel -w WHEELDIR --no-deps WHEELDIR/*.tar.gz   # only if sdists came down
-# (torch from PyPI is the CUDA build on Linux x86_64; drop torch to skip the reference runs.)
-# Carry WHEELDIR to the GPU machine (e.g. an untracked, not ignored wheels/ folder in the tree).
+# The machine's image brings Python 3.12 with JAX (CUDA), flax, optax, orbax and torch; WHEELDIR
+# holds the few Python 3.12 wheels it lacks (grain, tensorflow-datasets, transformers 4.x,
+# ml-collections, tensorboardX and their small dependencies; see docs/benchmarks.md for the
+# list). They go into a private folder with `pip install --no-index --no-deps --target SITE` and
+# PYTHONPATH; jax, jaxlib, CUDA and torch wheels are refused, so the image's GPU builds stay in
+# use. "-" installs nothing. Every version is printed first, then a tiny smoke step, then:
+#   1. the full model (ResNet-50 at 224 px + DistilBERT at length 32, random init), bf16, global
+#      batch $BATCH: train step alone and end to end from a prepared dataset through the grain
+#      pipeline ($WORKERS workers), compile time, peak memory, MFU, and a jax.profiler trace of
+#      steady-state end-to-end steps (OUTDIR/trace);
+#   2. the PyTorch reference in the same run: original-style (fp32, eager) and tuned (bf16
+#      autocast, channels_last, torch.compile), with jaxmm's step measured in the same process;
+#   3. the demo config trained and evaluated in bf16, then the largest batch that fits ($TRY,
+#      largest first: step alone and end to end), the demo in fp32, and a second start of the
+#      bf16 demo that must find the first one's compilation cache.
+# Each step runs under `timeout`, and no step starts past the budget ($BUDGET s in all), so a
+# hang or a slow step costs that step, never the results already written. OUTDIR gets one JSON
+# per step, logs/, versions.json, nvidia-smi.txt, steps.tsv and summary.json (goals checked).
 #
-# Environment knobs: PYTHON (default python3), VENV (default /tmp/jaxmm_suite_venv), BATCH
-# (global batch, default 256), STEPS (timed steps, default 30), WORKERS (grain workers, default
-# nproc-2), WORK (synthetic dataset cache, default /tmp/jaxmm_suite_work), RUN_TIMEOUT (seconds
-# per benchmark, default 420), BENCH_ARGS (extra arguments for every benchmark, e.g. the tiny
-# sizes), TORCH_ARGS (extra arguments for torch_reference only, e.g. --no_compile), ALLOW_CPU=1 (run without a GPU: plumbing check only, numbers are CPU numbers).
+# Knobs (environment): PYTHON (python3), SITE (wheel install folder, default /tmp/jaxmm_site),
+# BUDGET (seconds, 450), BATCH (256), TRY (batches tried for "largest that fits", "1024 768 512"),
+# STEPS (timed steps, 30), WORKERS (grain workers, nproc - 2), WORK (datasets and compile cache,
+# /tmp/jaxmm_suite_work), CPU_TEST_ACCURACY (the README's CPU demo test accuracy, 0.79),
+# DRY_RUN=1 (tiny towers and sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE
+# (multiplies every step's time limit; 1, or 5 with DRY_RUN for slow shared CPUs).
 set -uo pipefail
 
-log() { echo "[gpu_suite] $*" >&2; }
+log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 
 [ "$#" -ge 1 ] || die "usage: benchmarks/gpu_suite.sh WHEELDIR|- [OUTDIR]"
@@ -32,131 +39,122 @@ wheels="$1"
 out="${2:-${OUT:-}}"
 [ -n "$out" ] || die "no OUTDIR given and \$OUT is not set"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mkdir -p "$out/logs"
+mkdir -p "$out/logs" || die "cannot create $out"
 out="$(cd "$out" && pwd)"
 cd "$root" || die "cannot enter $root"
 
 py="${PYTHON:-python3}"
-venv="${VENV:-/tmp/jaxmm_suite_venv}"
-batch="${BATCH:-256}"
-steps="${STEPS:-30}"
+site="${SITE:-/tmp/jaxmm_site}"
+budget="${BUDGET:-450}"
+work="${WORK:-/tmp/jaxmm_suite_work}"
 nproc_="$(nproc)"
 workers="${WORKERS:-$(( nproc_ > 3 ? nproc_ - 2 : 1 ))}"
-work="${WORK:-/tmp/jaxmm_suite_work}"
-run_timeout="${RUN_TIMEOUT:-420}"
-read -r -a extra <<<"${BENCH_ARGS:-}"
-read -r -a torch_extra <<<"${TORCH_ARGS:-}"
-jax_version="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' requirements.txt)"
-torch_version="$(sed -n 's/^torch==\([^ ;#]*\).*/\1/p' requirements-test.txt)"
+dry="${DRY_RUN:-0}"
+if [ "$dry" = 1 ]; then
+  batch="${BATCH:-8}"; try="${TRY:-16}"; steps="${STEPS:-2}"; scale="${LIMIT_SCALE:-5}"
+  model=(--image_arch tiny --text_arch tiny --image_size 32 --text_length 8)
+  torch_extra=(--no_compile)
+  demo=(--config.num_epochs=1 --config.demo.per_class=12 --config.demo.max_side=64
+        --config.stored_image_size=40 --config.image_size=32 --config.batch_size=8
+        --config.eval_batch_size=8)
+else
+  batch="${BATCH:-256}"; try="${TRY:-1024 768 512}"; steps="${STEPS:-30}"
+  scale="${LIMIT_SCALE:-1}"
+  model=(); torch_extra=(); demo=()
+fi
+read -r -a try_batches <<<"$try"
+largest_try="${try_batches[0]}"
+(( largest_try > batch )) || largest_try="$batch"
+mkdir -p "$work"
+export JAXMM_CACHE="$work/cache"  # the demo config generates its data there
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+start_s=$SECONDS
+printf 'step\texit\tseconds\n' >"$out/steps.tsv"
 
-has_jax() {  # jaxmm's dependencies import, and JAX sees a GPU (or ALLOW_CPU=1)
-  "$1" - <<'PY' 2>/dev/null
-import os, sys
-import flax, grain, optax, tensorflow_datasets, transformers, ml_collections  # noqa
-import jax
-sys.exit(0 if jax.default_backend() == "gpu" or os.environ.get("ALLOW_CPU") == "1" else 1)
-PY
-}
-has_torch() { "$1" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() or __import__("os").environ.get("ALLOW_CPU") == "1" else 1)' 2>/dev/null; }
-
-pip_install() {  # pip_install PYTHON REQUIREMENT...
-  local p="$1"; shift
-  if [ "$wheels" = "-" ]; then
-    "$p" -m pip install -q "$@"
-  else
-    [ -d "$wheels" ] || die "wheel folder $wheels does not exist"
-    "$p" -m pip install -q --no-index --find-links "$wheels" "$@"
+# step NAME LIMIT COMMAND...: runs under timeout (at most the budget left); log in logs/NAME.log.
+step() {
+  local name="$1" limit=$(( $2 * scale )); shift 2
+  local left=$(( budget - (SECONDS - start_s) ))
+  if (( left < 20 )); then
+    log "$name: skipped, the budget of $budget s is spent"
+    printf '%s\tskipped\t0\n' "$name" >>"$out/steps.tsv"
+    return 3
   fi
-}
-
-setup_python() {  # prints the interpreter to use, installing what is missing
-  if has_jax "$py" && has_torch "$py"; then echo "$py"; return; fi
-  if [ ! -x "$venv/bin/python" ]; then
-    log "creating $venv (reusing the system's packages)"
-    "$py" -m venv --system-site-packages "$venv" >&2 || die "python -m venv failed"
-  fi
-  local v="$venv/bin/python"
-  if ! has_jax "$v"; then
-    log "installing requirements.txt and jax[cuda12]==$jax_version"
-    pip_install "$v" -r requirements.txt "jax[cuda12]==$jax_version" >&2 \
-      || die "installing jax failed (see the pip output above)"
-  fi
-  if ! has_torch "$v"; then
-    log "installing torch==$torch_version (optional: the reference runs are skipped without it)"
-    pip_install "$v" "torch==$torch_version" >&2 || log "torch not installed"
-  fi
-  has_jax "$v" || die "jax still misses a GPU or a dependency after installing"
-  echo "$v"
-}
-
-# run NAME COMMAND...: one benchmark, its log in logs/NAME.log; a failure does not stop the suite.
-run() {
-  local name="$1"; shift
-  log "$name: $*"
-  local start=$SECONDS
-  timeout "$run_timeout" "$@" >"$out/logs/$name.log" 2>&1
+  (( limit < left )) || limit=$left
+  log "$name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >"$out/logs/$name.log" 2>&1
   local rc=$?
-  log "$name: exit $rc after $(( SECONDS - start )) s"
-  [ "$rc" = 0 ] || tail -n 20 "$out/logs/$name.log" >&2
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" >>"$out/steps.tsv"
+  log "$name: exit $rc after $(( SECONDS - t0 )) s"
+  [ "$rc" = 0 ] || tail -n 15 "$out/logs/$name.log" >&2
+  return "$rc"
 }
 
-python="$(setup_python)" || exit 2
-log "python: $python"
+if [ "$wheels" != "-" ]; then  # the image's own jax/torch stay; only what it lacks goes in
+  [ -d "$wheels" ] || die "wheel folder $wheels does not exist"
+  keep=()
+  for w in "$wheels"/*.whl; do
+    case "$(basename "$w")" in
+      jax-*|jaxlib-*|jax_cuda*|jax_plugins*|nvidia_*|torch-*|triton-*)
+        log "refusing $(basename "$w"): the image's build is used" ;;
+      *) [ -f "$w" ] && keep+=("$w") ;;
+    esac
+  done
+  (( ${#keep[@]} )) || die "no wheels to install in $wheels"
+  step install 120 "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target "$site" "${keep[@]}" || die "installing the wheels failed (logs/install.log)"
+  export PYTHONPATH="$PYTHONPATH:$site"  # after the repo, before the image's site-packages
+fi
 { nvidia-smi 2>&1 || echo "nvidia-smi not available"; } >"$out/nvidia-smi.txt"
-"$python" -m pip freeze >"$out/pip_freeze.txt" 2>/dev/null
-"$python" - >"$out/machine.json" <<PY
-import json, os, platform
-import jax
-print(json.dumps({"devices": [d.device_kind for d in jax.devices()], "cpus": os.cpu_count(),
-                  "python": platform.python_version(), "jax": jax.__version__,
-                  "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": $batch,
-                  "steps": $steps, "grain_workers": $workers}))
-PY
+step versions 90 "$py" benchmarks/gpu_suite_report.py versions "$out/versions.json" \
+  || die "the environment is incomplete (logs/versions.log)"
+cat "$out/logs/versions.log" >&2
+[ "$dry" = 1 ] || "$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' \
+  || die "JAX sees no GPU (set DRY_RUN=1 for a CPU plumbing check)"
 
-common=(--batch_size "$batch" --steps "$steps" "${extra[@]}")
-# Most important first, in case the machine is taken back before the end.
-run jax_bfloat16 "$python" benchmarks/train_throughput.py --dtype bfloat16 "${common[@]}" \
-  --work_dir "$work" --num_workers "$workers" --out "$out/jax_bfloat16.json"
-if has_torch "$python"; then
-  run torch_bfloat16 "$python" benchmarks/torch_reference.py --dtype bfloat16 --compare \
-    "${common[@]}" "${torch_extra[@]}" --out "$out/torch_bfloat16.json"
-fi
-run jax_float32 "$python" benchmarks/train_throughput.py --dtype float32 "${common[@]}" \
-  --work_dir "$work" --num_workers "$workers" --out "$out/jax_float32.json"
-if has_torch "$python"; then
-  run torch_float32 "$python" benchmarks/torch_reference.py --dtype float32 \
-    "${common[@]}" "${torch_extra[@]}" --out "$out/torch_float32.json"
-fi
+# Smoke: tiny towers, two steps, end to end with one worker; an API break shows here in seconds.
+step smoke 150 "$py" benchmarks/train_throughput.py --image_arch tiny --text_arch tiny \
+  --image_size 32 --text_length 8 --batch_size 8 --steps 2 --warmup 1 --num_workers 1 \
+  --work_dir "$work/smoke" --out "$out/smoke.json" || die "smoke step failed (logs/smoke.log)"
 
-"$python" - "$out" <<'PY' | tee "$out/summary.json"
-import json, os, sys
+# The full model shares one compilation cache, so the --compare run below reuses the compile.
+export JAX_COMPILATION_CACHE_DIR="$work/jax_cache"
+data=(--work_dir "$work/full" --per_class $(( largest_try / 2 + 8 )))
+step jax_bf16_b"$batch" 240 "$py" benchmarks/train_throughput.py "${model[@]}" --dtype bfloat16 \
+  --batch_size "$batch" --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" \
+  "${data[@]}" --trace_dir "$out/trace" --out "$out/jax_bf16_b$batch.json"
+step torch_bf16_b"$batch" 240 "$py" benchmarks/torch_reference.py "${model[@]}" --dtype bfloat16 \
+  --compare --batch_size "$batch" --steps "$steps" "${torch_extra[@]}" \
+  --out "$out/torch_bf16_b$batch.json"
+unset JAX_COMPILATION_CACHE_DIR  # the demo runs keep their cache in their workdir
 
-out = sys.argv[1]
-def load(name):
-    path = os.path.join(out, name + ".json")
-    return json.load(open(path)) if os.path.exists(path) else None
+demo_run() {  # demo_run NAME DTYPE [train flags...]: train, then evaluate the test split
+  local name="$1" dtype="$2"; shift 2
+  step "$name" 180 "$py" -m jaxmm.train --config configs/demo.py --workdir "$work/$name" \
+    --config.model.dtype="$dtype" "${demo[@]}" "$@" \
+    && step "${name}_eval" 90 "$py" -m jaxmm.evaluate --workdir "$work/$name" --split test
+}
+rm -rf "$work/demo_bf16" "$work/demo_fp32" "$work/demo_bf16_again"
+demo_run demo_bf16 bfloat16
 
-jb, jf, tb, tf = (load(n) for n in ("jax_bfloat16", "jax_float32", "torch_bfloat16",
-                                      "torch_float32"))
-s = {"goals": {"e2e_samples_per_s": 5000, "vs_original": 3.0, "vs_tuned": 1.2}}
-for tag, j, t in (("bfloat16", jb, tb), ("float32", jf, tf)):
-    r = {}
-    if j:
-        r.update({k: j.get(k) for k in ("samples_per_s", "e2e_samples_per_s", "step_time_ms",
-                                         "compile_s", "peak_memory_bytes", "mfu", "mfu_analytic")})
-    if j and t:
-        for mode in ("original", "tuned"):
-            if mode in t:
-                r[f"torch_{mode}_samples_per_s"] = t[mode]["samples_per_s"]
-                # Prefer the ratio measured in one process (torch_reference --compare).
-                r[f"jaxmm_vs_{mode}"] = t.get("ratios", {}).get(f"jaxmm_vs_{mode}") or round(
-                    j["samples_per_s"] / t[mode]["samples_per_s"], 3)
-                r[f"torch_{mode}_compile"] = t[mode]["torch_compile"]
-    s[tag] = r
-b = s["bfloat16"]
-s["met"] = {"e2e": b.get("e2e_samples_per_s", 0) >= 5000,
-            "vs_original": b.get("jaxmm_vs_original", 0) >= 3.0,
-            "vs_tuned": b.get("jaxmm_vs_tuned", 0) >= 1.2}
-print(json.dumps(s, indent=1))
-PY
-log "results in $out"
+for b in "${try_batches[@]}"; do  # largest first: the first that runs is the answer
+  (( b > batch )) || continue
+  step "jax_bf16_b$b" 180 "$py" benchmarks/train_throughput.py "${model[@]}" --dtype bfloat16 \
+    --batch_size "$b" --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" \
+    "${data[@]}" --out "$out/jax_bf16_b$b.json" && break
+  [ $? = 3 ] && break  # out of budget
+done
+
+demo_run demo_fp32 float32
+# Second start of the bf16 demo: a fresh workdir reading the first run's compilation cache.
+"$py" benchmarks/gpu_suite_report.py cache "$work/demo_bf16/jax_cache" \
+  >"$out/demo_cache_before.json"
+JAX_COMPILATION_CACHE_DIR="$work/demo_bf16/jax_cache" \
+  step demo_bf16_again 180 "$py" -m jaxmm.train --config configs/demo.py \
+  --workdir "$work/demo_bf16_again" --config.model.dtype=bfloat16 "${demo[@]}"
+
+"$py" benchmarks/gpu_suite_report.py summary "$out" "$work" "$batch" \
+  "${CPU_TEST_ACCURACY:-0.79}" | tee "$out/summary.json"
+log "done in $(( SECONDS - start_s )) s; results in $out"

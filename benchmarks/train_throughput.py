@@ -49,6 +49,7 @@ from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
 TRAIN_COUNTS = (2111, 4355, 1991, 1743)
 FULL_VOCAB = 30522  # DistilBERT's (uncased) vocabulary
 TINY_VOCAB = 1000
+TRACE_STEPS = 5  # steady-state end-to-end steps traced after the timed window (--trace_dir)
 # (device-kind substring, bf16 peak, fp32-as-TF32 peak) in TFLOP/s, dense; first match wins.
 PEAK_TFLOPS = (("H200", 989.4, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100 NVL", 835.0, 417.5),
                ("H100", 989.4, 494.7), ("A100", 312.0, 156.0))
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stored_image_size", type=int, default=0, help="0 = image_size * 8 / 7")
     p.add_argument("--num_workers", type=int, default=-1, help="grain workers; -1 = config's")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
+    p.add_argument("--trace_dir", default="",
+                   help=f"keep a jax.profiler trace of {TRACE_STEPS} end-to-end steps here")
     p.add_argument("--out", default="", help="also write the JSON result here")
     return p.parse_args(argv)
 
@@ -256,7 +259,7 @@ def measure_e2e(args, config, context) -> dict:
     tokenizer = tokenizer_lib.get_tokenizer(config, ds_dir)
     source = pipeline.load_splits(ds_dir)["train"]
     per_epoch = len(source) // args.batch_size
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + (TRACE_STEPS if args.trace_dir else 0)
     it = pipeline.make_train_iter(
         config, source, tokenizer, local_batch_size=args.batch_size // jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -265,6 +268,9 @@ def measure_e2e(args, config, context) -> dict:
         batches = (b for b, _ in parallel.prefetch_to_device(it, config.prefetch_batches))
         state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
         state, seconds = run_steps(compiled, state, batches, key, args.steps)
+        if args.trace_dir:
+            with jax.profiler.trace(args.trace_dir):
+                state, _ = run_steps(compiled, state, batches, key, TRACE_STEPS)
     finally:
         if hasattr(it, "close"):
             it.close()

@@ -102,3 +102,83 @@ def test_torch_model_matches_jaxmm_parameter_count():
 
 def test_gpu_suite_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_suite.sh")], check=True)
+
+
+def test_input_pipeline_measures_startup_and_steady_state():
+    from ml_collections import ConfigDict
+
+    from jaxmm.data import pipeline
+    from jaxmm.data import tokenizer as tokenizer_lib
+    from tests.test_prepare import demo_dataset
+
+    ip = _load("input_pipeline")
+    assert ip.worker_counts("0,2,auto,2") == [0, 2, max(1, os.cpu_count() - 2)]
+    with pytest.raises(ValueError, match="negative"):
+        ip.worker_counts("-1")
+    _, ds_dir = demo_dataset()
+    config = ConfigDict(dict(tokenizer="", seed=0, image_size=24, max_text_length=8,
+                             color_jitter=0.0, num_workers=0))
+    tok = tokenizer_lib.get_tokenizer(config, ds_dir)
+    source = pipeline.load_splits(ds_dir)["train"]
+    args = ip.parse_args(["--grain_workers", "0", "--repeats", "2", "--steady_batches", "3",
+                          "--batch_size", "4"])
+    table = ip.compare_workers(config, source, tok, args)
+    row = table[0]
+    assert row["startup_s"] > 0 and row["samples_per_s"] > 0
+    assert len(row["samples_per_s_runs"]) == 2 and row["vs_in_process"] == 1.0
+    if "cpu_ms_per_sample_main" in row:  # psutil installed
+        assert row["cpu_ms_per_sample_main"] > 0 and row["cpu_ms_per_sample_workers"] == 0
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def test_gpu_suite_summary_checks_goals_and_demo_runs(tmp_path):
+    rep = _load("gpu_suite_report")
+    out, work = tmp_path / "out", tmp_path / "work"
+    for batch, e2e in ((256, 5200.0), (512, 5900.0)):
+        _write(str(out / f"jax_bf16_b{batch}.json"),
+               {"global_batch": batch, "samples_per_s": 2 * e2e, "e2e_samples_per_s": e2e})
+    _write(str(out / "torch_bf16_b256.json"),
+           {"original": {"samples_per_s": 900.0}, "tuned": {"samples_per_s": 9000.0},
+            "ratios": {"jaxmm_vs_original": 11.6, "jaxmm_vs_tuned": 1.16}})
+    demo = work / "demo_bf16"
+    _write(str(demo / "train_summary.json"), {"status": "finished", "compile_seconds": 9.0})
+    _write(str(demo / "metrics.jsonl"), '{"loss": 1.2}\n{"loss": NaN}\n')
+    _write(str(demo / "eval" / "best" / "test" / "metrics.json"), {"accuracy": 0.81})
+    _write(str(demo / "jax_cache" / "a"), "")
+    _write(str(demo / "jax_cache" / "b"), "")
+    _write(str(out / "demo_cache_before.json"), ["a"])
+    s = rep.summary(str(out), str(work), 256, 0.79)
+    assert s["largest_batch_run"] == 512
+    assert s["met"] == {"e2e": True, "vs_original": True, "vs_tuned": False}
+    assert s["demo"]["demo_bf16"]["losses_finite"] is False  # the NaN is caught
+    assert s["demo"]["demo_bf16"]["test_accuracy_ok"] is True
+    assert s["demo"]["demo_fp32"] is None  # not run
+    assert s["demo"]["compile_cache"] == {"entries_before_second_start": 1,
+                                          "entries_added_by_second_start": 1}
+
+
+def test_gpu_suite_refuses_jax_and_cuda_wheels(tmp_path):
+    """The suite installs only what the GPU image lacks: never jax, jaxlib, CUDA or torch."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("jaxlib-0.10.2-cp312-none-any.whl", "nvidia_cudnn_cu12-9-py3-none-any.whl",
+                 "torch-2.11-cp312-none-any.whl", "grain-0.2.18-py3-none-any.whl"):
+        (wheels / name).write_text("")
+    fake_py = tmp_path / "python3"  # records the pip command line instead of installing
+    fake_py.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\nexit 1\n")
+    fake_py.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_py), SITE=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(wheels),
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2  # the fake pip fails: the suite stops at once
+    calls = (tmp_path / "calls").read_text()
+    assert "--no-index --no-deps" in calls and f"--target {tmp_path}/site" in calls
+    assert "grain-0.2.18" in calls
+    assert not any(w in calls for w in ("jaxlib-", "nvidia_", "torch-"))
+    assert "refusing jaxlib-0.10.2" in proc.stderr

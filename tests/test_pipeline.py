@@ -169,3 +169,30 @@ def test_orbax_checkpoint_round_trip(tok, tmp_path):
     again = list(fresh)
     assert len(rest) == len(again) == 15
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(rest, again, strict=True))
+
+
+def test_flip_is_the_mirror_of_the_crop():
+    """The train view is the random crop or its exact mirror, drawn from the same rng calls."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), np.uint8))
+    record = {"image": img, "text": b"t", "label": 1}
+    seen = set()
+    for seed in range(12):
+        out = transforms.TrainTransform(16)(record, np.random.default_rng(seed))["image"]
+        rng = np.random.default_rng(seed)
+        crop = np.asarray(transforms.random_resized_crop(img, 16, rng))
+        flipped = rng.random() < 0.5
+        np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_worker_setup_limits_threads_and_keeps_jax_on_cpu(monkeypatch):
+    import jax
+
+    env = {}
+    monkeypatch.setattr(pipeline.os, "environ", env)
+    pipeline.init_worker(0, 2)
+    assert env["OMP_NUM_THREADS"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert jax.config.jax_platforms == "cpu"
+    options = pipeline._read_options(2)
+    assert options.num_threads == 1 and options.prefetch_buffer_size <= 4  # batches, not records
