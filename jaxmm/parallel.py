@@ -205,10 +205,18 @@ _unreplicated = jax.pmap(_identity, axis_name=AXIS_NAME, out_axes=None)
 def replicated_view(tree):
     """The replicated pytree as arrays of the unreplicated shape, still on the devices.
 
-    The result is replicated over the devices (one full copy each), which orbax saves
-    (asynchronously, from one replica) as ordinary arrays, so no copy to the host is made here.
+    The result is replicated over every device of every process (one full copy each), which
+    orbax saves (from one replica) as ordinary arrays, so no copy to the host is made here.
     """
-    return _unreplicated(tree)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS_NAME,))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def global_array(x):
+        # x is replicated over this process's devices; its shards make the global array.
+        return jax.make_array_from_single_device_arrays(
+            x.shape, everywhere, [s.data for s in x.addressable_shards])
+
+    return jax.tree.map(global_array, _unreplicated(tree))
 
 
 def first(tree):
