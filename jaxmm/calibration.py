@@ -17,11 +17,8 @@ import math
 import os
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from scipy import optimize
 
-from jaxmm import files
+from jaxmm import files, paths
 
 NUM_BINS = 15  # equal-width confidence bins of the expected calibration error
 # Search range of the fitted temperature (on a log scale).
@@ -121,6 +118,8 @@ def fit_temperature(logits, labels) -> float:
     Returns:
       The fitted temperature as a Python float.
     """
+    from scipy import optimize  # imported here: prediction needs only softmax
+
     logits = np.asarray(logits, np.float64)
     _checked(logits, labels)
     labels = np.asarray(labels, np.int64)
@@ -172,6 +171,11 @@ def load_calibration(path: str) -> float | None:
     return float(value)
 
 
+def workdir_temperature(workdir: str) -> float | None:
+    """The temperature of a training workdir's ``calibration.json``; None without one."""
+    return load_calibration(paths.in_workdir(workdir, paths.CALIBRATION_FILE))
+
+
 def reliability_diagram(probs, labels, path: str, title: str = "",
                         num_bins: int = NUM_BINS) -> str:
     """Draws accuracy against confidence per bin, with the number of examples in each bin.
@@ -186,6 +190,9 @@ def reliability_diagram(probs, labels, path: str, title: str = "",
     Returns:
       path.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     bins = calibration_bins(probs, labels, num_bins)
     ece = expected_calibration_error(probs, labels, num_bins)
     lo, width = bins["edges"][:-1], 1.0 / num_bins

@@ -17,6 +17,8 @@
 
 import dataclasses
 import functools
+import os
+import re
 import textwrap
 
 import jax
@@ -27,7 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxmm import calibration
+from jaxmm import calibration, paths
+from jaxmm.data import transforms
 from jaxmm.models.resnet import LAST_STAGE
 
 IG_STEPS = 32  # trapezoid intervals of the integrated-gradients path
@@ -314,3 +317,49 @@ def render_gallery(explanations: list[Explanation], class_names, path: str,
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=80)
     return path
+
+
+# ------------------------------------------------------------------------------ writing a folder
+
+def _slug(name: str) -> str:
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_")[:60] or "example"
+
+
+def write_explanations(run, examples: list[dict], out_dir: str, temperature: float = 1.0,
+                       batch_size: int = 16) -> list[str]:
+    """Explains eval-view examples of a run: one PNG each plus ``paths.GALLERY_FILE``.
+
+    Args:
+      run: a ``restore.Run`` (model, variables, tokenizer, config, class_names).
+      examples: dicts with image (uint8 [H,W,3], the eval crop), text, and optionally label
+        (int) and name (file name, used in titles and PNG names).
+      out_dir: folder to write (created).
+      temperature: calibration temperature of the reported probabilities.
+      batch_size: examples per compiled call (the last batch is padded).
+
+    Returns:
+      The written PNG paths, the gallery last.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    explainer = Explainer(run.model, run.variables, run.tokenizer, temperature)
+    tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
+    found = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape, one compilation
+        batch = tokenize({"image": np.stack([e["image"] for e in padded]),
+                          "text": [e["text"] for e in padded]})
+        found += explainer.explain(
+            batch["image"], batch["input_ids"], batch["attention_mask"],
+            labels=[e.get("label", -1) for e in padded], texts=[e["text"] for e in padded],
+            names=[e.get("name", "") for e in padded])[:len(chunk)]
+    for ex in found:
+        ex.label = None if ex.label is None or ex.label < 0 else ex.label
+    written = [render(ex, run.class_names,
+                      os.path.join(out_dir, f"{k:04d}_{_slug(ex.name)}.png"))
+               for k, ex in enumerate(found)]
+    if found:
+        written.append(render_gallery(found, run.class_names,
+                                      os.path.join(out_dir, paths.GALLERY_FILE)))
+    return written

@@ -131,7 +131,8 @@ def test_metrics_equal_scikit_learn(test_eval):
         (float(e["confidence"]) for e in errors), reverse=True)
 
 
-@pytest.mark.parametrize("name", ["confusion_matrix.png", "misclassified.png"])
+@pytest.mark.parametrize("name", ["confusion_matrix.png", "misclassified.png",
+                                  "reliability_diagram.png"])
 def test_figures_are_png_images(test_eval, name):
     path = os.path.join(test_eval["out_dir"], name)
     with open(path, "rb") as f:
