@@ -242,8 +242,11 @@ def _title(ex: Explanation, class_names) -> str:
 def _overlay(ax, ex: Explanation, title: str) -> None:
     ax.imshow(ex.image)
     if ex.heatmap is not None:
-        ax.imshow(upsample(ex.heatmap, ex.image.shape[:2]), cmap="jet", alpha=0.45, vmin=0,
-                  vmax=1)
+        heat = np.clip(upsample(ex.heatmap, ex.image.shape[:2]), 0.0, 1.0)
+        # Opacity follows the heat, so cold regions leave the photo as it is.
+        overlay = matplotlib.colormaps["jet"](heat)
+        overlay[..., 3] = 0.6 * heat
+        ax.imshow(overlay)
     ax.set_title(title, fontsize="small")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -265,7 +268,9 @@ def _tokens(ax, fig, ex: Explanation) -> None:
         if x > 0 and x + width > 1.0:
             x, y = 0.0, y - 0.12
         ax.text(x, y, token, family="monospace", fontsize=11, va="top", transform=ax.transAxes,
-                bbox={"facecolor": cmap(0.5 + 0.5 * a / scale), "edgecolor": "none", "pad": 1.5})
+                # At most 0.35 from the centre of the colour map: dark text stays readable.
+                bbox={"facecolor": cmap(0.5 + 0.35 * a / scale), "edgecolor": "none",
+                      "pad": 1.5})
         x += width
     ax.text(0.0, 0.02, f"integrated gradients (red: for, blue: against the prediction); "
             f"completeness gap {ex.ig_gap:.1%}", fontsize="x-small", transform=ax.transAxes)
@@ -299,7 +304,7 @@ def render(ex: Explanation, class_names, path: str) -> str:
 
 def render_gallery(explanations: list[Explanation], class_names, path: str,
                    columns: int = 4) -> str:
-    """All explanations as a grid of heatmap overlays; the text names the top token."""
+    """All explanations as a grid of heatmap overlays; «token» marks the top attribution."""
     for ex in explanations:
         _check_names(ex, class_names)
     rows = max(1, -(-len(explanations) // columns))
@@ -311,7 +316,7 @@ def render_gallery(explanations: list[Explanation], class_names, path: str,
         _overlay(ax, ex, _title(ex, class_names))
         words = ex.text
         if ex.attributions is not None and len(ex.tokens):
-            words = " ".join(f"[{t}]" if i == int(np.argmax(ex.attributions)) else t
+            words = " ".join(f"«{t}»" if i == int(np.argmax(ex.attributions)) else t
                              for i, t in enumerate(ex.tokens))
         ax.set_xlabel(textwrap.shorten(words, 60), fontsize="x-small")
     FigureCanvasAgg(fig)
