@@ -285,16 +285,18 @@ def _bars(ax, ex: Explanation, class_names) -> None:
     ax.set(yticks=range(k), xlim=(0, 1), xlabel="probability")
     ax.set_yticklabels(class_names)
     ax.invert_yaxis()
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.legend(fontsize="x-small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=n,
+              frameon=False)
 
 
 def render(ex: Explanation, class_names, path: str) -> str:
     """One example's figure: photo + Grad-CAM, shaded tokens, probabilities per tower set."""
     _check_names(ex, class_names)
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
-    left, middle, right = fig.subplots(1, 3, width_ratios=(1, 1.6, 1))
+    fig = Figure(figsize=(10.5, 3.6), layout="constrained")
+    left, middle, right = fig.subplots(1, 3, width_ratios=(1, 1.2, 1))
     title = _title(ex, class_names)
-    _overlay(left, ex, f"{ex.name}\n{title}" if ex.name else title)
+    name = textwrap.shorten(os.path.basename(ex.name), 40)
+    _overlay(left, ex, f"{name}\n{title}" if name else title)
     _tokens(middle, fig, ex)
     _bars(right, ex, class_names)
     FigureCanvasAgg(fig)
