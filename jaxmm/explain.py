@@ -148,7 +148,8 @@ class Explainer:
 
     def __init__(self, model, variables, tokenizer=None, temperature: float = 1.0,
                  ig_steps: int = IG_STEPS):
-        self.model, self.variables, self.tokenizer = model, variables, tokenizer
+        self.model, self.tokenizer = model, tokenizer
+        self.variables = jax.device_put(variables)  # once, not with every compiled call
         self.temperature = temperature
         self.masks = modality_masks(model.modalities)
         self._apply = jax.jit(lambda v, im, ids, am, keep: model.apply(
