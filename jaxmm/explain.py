@@ -33,7 +33,7 @@ from jaxmm import calibration, paths
 from jaxmm.data import transforms
 from jaxmm.models.resnet import LAST_STAGE
 
-IG_STEPS = 32  # trapezoid intervals of the integrated-gradients path
+IG_STEPS = 64  # trapezoid intervals of the integrated-gradients path
 
 
 @dataclasses.dataclass
