@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxmm import calibration
 from jaxmm.data import captions, transforms
 from jaxmm.errors import ConfigError
 
@@ -54,22 +55,23 @@ class Predictor:
     """Classifies raw image files (+ texts) on one device, preprocessed exactly like evaluation:
     prepare's decode + RGB + resize + re-encode, then the eval centre crop."""
 
-    def __init__(self, run: "restore.Run", batch_size: int = 16):
+    def __init__(self, run: "restore.Run", batch_size: int = 16, temperature: float = 1.0):
         import jax
 
         self.run, self.batch_size, self.class_names = run, batch_size, run.class_names
+        self.temperature = temperature
         self._view = _raw_view(run)
         self._tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
         self._apply = jax.jit(functools.partial(run.model.apply, train=False))
         self._variables = jax.device_put(run.variables)
-        self._softmax = functools.partial(jax.nn.softmax, axis=-1)
 
     def read(self, path: str, text: str) -> dict:
         """The eval view of one file. Raises ValueError (one line) when it cannot be read."""
         return {"image": self._view(path), "text": text}
 
     def __call__(self, examples: list[dict]) -> np.ndarray:
-        """Class probabilities [n, K]; batches are padded to one shape (one compilation)."""
+        """Class probabilities [n, K] (logits divided by the temperature); batches are padded
+        to one shape (one compilation)."""
         out = []
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
@@ -78,7 +80,8 @@ class Predictor:
                                         "text": [e["text"] for e in chunk]})
             logits = self._apply(self._variables, batch["image"], batch["input_ids"],
                                  batch["attention_mask"])
-            out.append(np.asarray(self._softmax(logits))[:len(examples) - start])
+            out.append(calibration.softmax(np.asarray(logits), self.temperature)[
+                :len(examples) - start])
         return np.concatenate(out)[:len(examples)] if out else np.zeros((0, 0))
 
 
@@ -93,7 +96,7 @@ def _raw_view(run: "restore.Run") -> transforms.RawView:
 
 
 def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "best",
-                   batch_size: int = 16):
+                   batch_size: int = 16, calibrated: bool = True):
     """A predictor for ``predict_files``: a bundle's Classifier or a rebuilt run's Predictor.
 
     Args:
@@ -101,6 +104,8 @@ def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "be
       model: a bundle folder written by ``jaxmm.export`` (None with a workdir).
       checkpoint: "best", "latest" or a step number (workdir only).
       batch_size: images per forward pass.
+      calibrated: divide the logits by the fitted temperature (the workdir's
+        ``calibration.json`` or the bundle's), when there is one.
 
     Returns:
       (predictor, the text source the model was trained on).
@@ -108,12 +113,13 @@ def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "be
     if model:
         from jaxmm import bundle
 
-        clf = bundle.Classifier.load(model, batch_size=batch_size)
+        clf = bundle.Classifier.load(model, batch_size=batch_size, calibrated=calibrated)
         return clf, clf.spec["preprocessing"]["text"]["trained_on"]
     from jaxmm import restore
 
     run = restore.load_run(workdir, checkpoint)
-    return Predictor(run, batch_size), run.preprocessing["text_source"]
+    temperature = calibration.workdir_temperature(workdir) if calibrated else None
+    return Predictor(run, batch_size, temperature or 1.0), run.preprocessing["text_source"]
 
 
 def text_rule(text: str | None = None, captions_csv: str = "",
@@ -180,3 +186,13 @@ def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], l
     if pending:
         flush()
     return rows, problems
+
+
+def explain_files(predictor: Predictor, rows: list[dict], out_dir: str) -> list[str]:
+    """Explanations (one PNG per predicted file, plus a gallery) of ``predict_files``' rows."""
+    from jaxmm import explain
+
+    examples = [{**predictor.read(r["file"], r["text"]), "name": r["file"], "label": -1}
+                for r in rows]
+    return explain.write_explanations(predictor.run, examples, out_dir, predictor.temperature,
+                                      predictor.batch_size)

@@ -7,13 +7,14 @@ work headless and in any thread; only process 0 writes anything here.
 """
 
 import os
+import shutil
 import textwrap
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmm import files, parallel, paths, restore, scoring, train_log
+from jaxmm import calibration, explain, files, parallel, paths, restore, scoring, train_log
 from jaxmm.data import dedup, transforms
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
@@ -112,6 +113,12 @@ def summary(metrics: dict, report: str) -> str:
              "true\\pred".ljust(width) + "".join(n.rjust(width) for n in names)]
     for name, row in zip(names, counts, strict=True):
         lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    cal = metrics.get("calibration")
+    if cal:
+        fmt = lambda m: f"ECE {m['ece']:.4f}  NLL {m['nll']:.4f}  Brier {m['brier']:.4f}"
+        lines += ["", f"calibration, raw: {fmt(cal['raw'])}"]
+        if cal["calibrated"]:
+            lines.append(f"calibrated (T={cal['temperature']:.3f}): {fmt(cal['calibrated'])}")
     return "\n".join(lines)
 
 
@@ -192,7 +199,9 @@ def eval_dir(workdir: str, split: str, checkpoint: str, step: int, suffix: str =
 
 
 def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", modalities=None,
-                 ablation: bool = False, exclude_test_duplicates: bool | None = None) -> dict:
+                 ablation: bool = False, exclude_test_duplicates: bool | None = None,
+                 calibrate: bool = False, calibrated: bool = True,
+                 explain_first: int | None = None) -> dict:
     """Evaluates a split of a trained run and (on process 0) writes its reports.
 
     Args:
@@ -203,36 +212,46 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
       ablation: also evaluate every tower combination of ``ABLATION`` the model has.
       exclude_test_duplicates: on the test split, also report the metrics without the images
         that have an exact or near copy in Train (None = the run's config entry).
+      calibrate: first fit the temperature on the validation split (``fit_calibration``).
+      calibrated: report probabilities divided by the workdir's calibration temperature (when
+        there is one and every tower is kept); metrics.json holds raw and calibrated figures.
+      explain_first: None, or explain every misclassified example plus the first N.
 
     Returns:
       dict(metrics, report (classification report text), out_dir, ablation (rows or None),
       notes (lines to show)).
     """
     run = restore.load_run(workdir, checkpoint, axis_name=parallel.AXIS_NAME)
+    notes = []
+    if calibrate:
+        record = fit_calibration(run)
+        notes.append(f"calibration: temperature {record['temperature']:.3f} fitted on "
+                     f"validation, written to {paths.CALIBRATION_FILE}")
     evaluator = scoring.SplitEvaluator(run, split)
     mods = scoring.selected_modalities(run.modalities, modalities)
     metrics, predictions = evaluator(mods, collect=True)
     metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=run.step,
                    modalities=list(mods))
-    suffix = "" if mods == run.modalities else "-" + "+".join(mods)
-    out_dir = eval_dir(workdir, split, checkpoint, run.step, suffix)
-    result = {"metrics": metrics, "out_dir": out_dir, "ablation": None, "notes": []}
     if exclude_test_duplicates is None:
         exclude_test_duplicates = run.config.get("exclude_test_duplicates", False)
-    if exclude_test_duplicates and split == "test":
+    if exclude_test_duplicates and split == "test":  # from the raw probabilities
         metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, predictions)
-        result["notes"].append(note)
+        notes.append(note)
+    temperature = _temperature(workdir, calibrated and mods == run.modalities, notes)
+    labels = split_labels(evaluator.source, predictions["index"])
+    metrics["calibration"] = calibration_summary(predictions["probs"], labels, temperature)
+    if temperature is not None:
+        predictions["probs"] = calibration.softmax(
+            calibration.log_probs_as_logits(predictions["probs"]), temperature)
+    suffix = "" if mods == run.modalities else "-" + "+".join(mods)
+    out_dir = eval_dir(workdir, split, checkpoint, run.step, suffix)
+    result = {"metrics": metrics, "out_dir": out_dir, "ablation": None, "notes": notes,
+              "report": ""}
     if ablation:
-        rows, notes = run_ablation(evaluator)
-        result["ablation"], result["notes"] = rows, result["notes"] + notes
-    result["report"] = ""
+        result["ablation"], ablation_notes = run_ablation(evaluator)
+        notes += ablation_notes
     if train_log.is_writer():
-        rows = scoring.example_rows(evaluator.source, predictions, run.class_names)
-        result["report"] = write_reports(
-            out_dir, metrics, rows, lambda i: transforms.as_pil(evaluator.source[i]["image"]))
-        if result["ablation"]:
-            files.write_json(os.path.join(out_dir, "ablation.json"),
-                                 {"rows": result["ablation"], "notes": result["notes"]})
+        _write_all(result, evaluator, predictions, labels, temperature, explain_first)
     return result
 
 
@@ -259,6 +278,80 @@ def without_train_copies(evaluator: scoring.SplitEvaluator, predictions: dict
     return metrics, (f"{evaluator.split} without the {len(metrics['excluded_files'])} images "
                      f"that have a copy in Train: {metrics['num_examples']} examples, accuracy "
                      f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+
+
+def _write_all(result, evaluator, predictions, labels, temperature, explain_first) -> None:
+    """Process 0: reports, reliability diagram, ablation table and explanations."""
+    run, out_dir, metrics = evaluator.run, result["out_dir"], result["metrics"]
+    rows = scoring.example_rows(evaluator.source, predictions, run.class_names)
+    result["report"] = write_reports(
+        out_dir, metrics, rows, lambda i: transforms.as_pil(evaluator.source[i]["image"]))
+    kind = "raw" if temperature is None else f"calibrated (T={temperature:.2f})"
+    calibration.reliability_diagram(predictions["probs"], labels,
+                                    os.path.join(out_dir, paths.RELIABILITY_FILE),
+                                    title=f"{metrics['split']}, {kind}")
+    if result["ablation"]:
+        files.write_json(os.path.join(out_dir, "ablation.json"),
+                         {"rows": result["ablation"], "notes": result["notes"]})
+    if explain_first is not None:
+        chosen = sorted({r["index"] for r in rows if r["true"] != r["predicted"]}
+                        | set(range(min(explain_first, len(rows)))))
+        view = transforms.EvalTransform(run.config.image_size)
+        examples = [{**view(evaluator.source[i]),
+                     "name": files.text(evaluator.source[i]["file_name"])} for i in chosen]
+        folder = os.path.join(out_dir, paths.EXPLANATIONS_DIR)
+        shutil.rmtree(folder, ignore_errors=True)  # no figures left over from an earlier call
+        explain.write_explanations(run, examples, folder, temperature or 1.0)
+        result["notes"].append(f"{len(examples)} explanations in {folder}")
+
+
+# --- Calibration ---------------------------------------------------------------------------------
+
+def split_labels(source, index) -> np.ndarray:
+    """The true classes of the records ``index`` of a split source."""
+    return np.array([int(source[int(i)]["label"]) for i in index], np.int64)
+
+
+def calibration_summary(probs, labels, temperature: float | None) -> dict:
+    """metrics.json's 'calibration' entry: ECE/NLL/Brier raw and (with T) calibrated."""
+    calibrated = None
+    if temperature is not None:
+        calibrated = calibration.calibration_metrics(calibration.softmax(
+            calibration.log_probs_as_logits(probs), temperature), labels)
+    return {"temperature": temperature, "num_bins": calibration.NUM_BINS,
+            "raw": calibration.calibration_metrics(probs, labels), "calibrated": calibrated}
+
+
+def _temperature(workdir: str, wanted: bool, notes: list) -> float | None:
+    if not wanted:
+        return None
+    temperature = calibration.workdir_temperature(workdir)
+    if temperature is None:
+        notes.append(f"no {paths.CALIBRATION_FILE} in the workdir: probabilities are "
+                     "uncalibrated (fit one with jaxmm.evaluate --calibrate)")
+    return temperature
+
+
+def fit_calibration(run: restore.Run) -> dict:
+    """Fits the temperature on the run's validation split; process 0 writes calibration.json.
+
+    Every process must call it (the split is evaluated on all devices and processes).
+
+    Returns:
+      The ``calibration.calibration_record`` (with the checkpoint step).
+    """
+    evaluator = scoring.SplitEvaluator(run, "validation")
+    _, predictions = evaluator(collect=True)
+    labels = split_labels(evaluator.source, predictions["index"])
+    # Log-probabilities are the logits up to a per-row shift, which softmax ignores.
+    logits = calibration.log_probs_as_logits(predictions["probs"])
+    record = calibration.calibration_record(logits, labels,
+                                            calibration.fit_temperature(logits, labels))
+    record["checkpoint_step"] = run.step
+    if train_log.is_writer():
+        calibration.save_calibration(paths.in_workdir(run.workdir, paths.CALIBRATION_FILE),
+                                     record)
+    return record
 
 
 def run_ablation(evaluator: scoring.SplitEvaluator) -> tuple[list | None, list]:

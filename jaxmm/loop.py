@@ -23,11 +23,13 @@ from absl import logging
 from jaxmm import (
     builders,
     checkpointing,
+    eval_report,
     files,
     lock,
     optim,
     parallel,
     paths,
+    restore,
     run_record,
     scoring,
     steps,
@@ -346,10 +348,21 @@ def _train(config, workdir: str, signals: StopSignals) -> dict:
         run.save()
     run.ckpts.wait()
     run.train_iter.close()  # Stops grain workers and frees their shared memory.
+    if p.status != Status.PREEMPTED and p.best_step is not None:
+        _fit_calibration(workdir)
     summary = _summary(run, compile_s)
     run.ckpts.close()
     run.writer.close()
     return summary
+
+
+def _fit_calibration(workdir: str) -> None:
+    """Temperature scaling of the best checkpoint on validation (``paths.CALIBRATION_FILE``)."""
+    record = eval_report.fit_calibration(
+        restore.load_run(workdir, "best", axis_name=parallel.AXIS_NAME))
+    logging.info("calibration: temperature %.3f; validation NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+                 record["temperature"], record["before"]["nll"], record["after"]["nll"],
+                 record["before"]["ece"], record["after"]["ece"])
 
 
 def _summary(run: _Run, compile_s) -> dict:

@@ -22,7 +22,11 @@ BEST_DIR = "best"  # params + batch statistics of the best validation epoch (orb
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
 SET_ASIDE_DIR = "set_aside"  # checkpoints moved out of the way (unreadable, or from a replay)
 LOCK_FILE = "train.lock"  # host, pid and Slurm job of the training run using the workdir
-CALIBRATION_FILE = "calibration.json"  # a fitted temperature ({"temperature": T}), if any
+CALIBRATION_FILE = "calibration.json"  # temperature fitted on validation (+ before/after)
+# --- In an evaluation folder or a predict --explain folder
+RELIABILITY_FILE = "reliability_diagram.png"  # accuracy vs confidence per bin, with counts
+EXPLANATIONS_DIR = "explanations"  # one PNG per explained example
+GALLERY_FILE = "gallery.png"  # every explanation of a folder in one grid
 
 # --- An export bundle (written by jaxmm.export, read by jaxmm.bundle) -----------------------
 # It also holds TOKENIZER_DIR, and JAX_CACHE_DIR when the folder is writable.

@@ -10,6 +10,9 @@ Images are preprocessed exactly like evaluation. Files are printed with their pr
 with a folder or ``--out`` a CSV is written (default with ``--workdir``:
 ``<workdir>/predictions.csv``); nothing is written anywhere else. Unreadable files are reported
 on stderr, one line each; the exit code is 1 only when nothing was predicted.
+Probabilities are calibrated by the fitted temperature when there is one (``--no_calibration``
+for raw ones); ``--explain DIR`` (with ``--workdir``) writes one explanation PNG per image and
+a gallery.
 """
 
 import os
@@ -27,6 +30,10 @@ _CAPTIONS = flags.DEFINE_string("captions", "", "CSV (image,description) of the 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 _OUT = flags.DEFINE_string("out", "", "CSV file to write (needed for folders with --model).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
+_NO_CALIBRATION = flags.DEFINE_bool("no_calibration", False,
+                                    "Raw probabilities even when a temperature was fitted.")
+_EXPLAIN = flags.DEFINE_string("explain", "", "Folder for one explanation PNG per image "
+                               "(with --workdir).")
 flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True)
 
 
@@ -47,8 +54,11 @@ def main(argv):
         raise ConfigError("; ".join(problems))
     if any_folder and _MODEL.value and not _OUT.value:
         raise ConfigError("give --out FILE.csv for the predictions of a folder")
+    if _EXPLAIN.value and _MODEL.value:
+        raise ConfigError("--explain needs --workdir (a bundle has no gradients)")
     predictor, text_source = classify.open_predictor(_WORKDIR.value, _MODEL.value,
-                                                     _CHECKPOINT.value, _BATCH.value)
+                                                     _CHECKPOINT.value, _BATCH.value,
+                                                     not _NO_CALIBRATION.value)
     text = classify.text_rule(_TEXT.value, _CAPTIONS.value, text_source)
     rows, unreadable = classify.predict_files(predictor, images, text)
     for line in problems + unreadable:
@@ -64,6 +74,9 @@ def main(argv):
         probs = "  ".join(f"{c} {r[f'p_{c}']:.3f}" for c in names)
         print(f"{r['file']}: {r['predicted']} ({r['confidence']:.3f})  text '{r['text']}'  "
               f"[{probs}]")
+    if _EXPLAIN.value and rows:
+        written = classify.explain_files(predictor, rows, _EXPLAIN.value)
+        print(f"{len(written)} explanation figures written to {os.path.abspath(_EXPLAIN.value)}")
     if not rows:
         sys.exit(1)
 

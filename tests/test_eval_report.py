@@ -131,7 +131,8 @@ def test_metrics_equal_scikit_learn(test_eval):
         (float(e["confidence"]) for e in errors), reverse=True)
 
 
-@pytest.mark.parametrize("name", ["confusion_matrix.png", "misclassified.png"])
+@pytest.mark.parametrize("name", ["confusion_matrix.png", "misclassified.png",
+                                  "reliability_diagram.png"])
 def test_figures_are_png_images(test_eval, name):
     path = os.path.join(test_eval["out_dir"], name)
     with open(path, "rb") as f:
@@ -296,7 +297,12 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
     assert sub["macro_f1"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro",
                                                         zero_division=0))
     weights = restore.load_run(trained_run).class_weights
-    ce = [-np.log(float(r[f"p_{r['true']}"])) for r in kept]
+    # predictions.csv holds calibrated probabilities; the loss is of the raw ones, and
+    # log p_cal = log p_raw / T + const, so p_raw is proportional to p_cal ** T.
+    temperature = test_eval["metrics"]["calibration"]["temperature"] or 1.0
+    p_raw = np.array([[float(r[f"p_{c}"]) for c in names] for r in kept]) ** temperature
+    p_raw /= p_raw.sum(axis=1, keepdims=True)
+    ce = [-np.log(p_raw[i, t]) for i, t in enumerate(y_true)]
     w = [weights[t] for t in y_true]
     assert sub["loss"] == pytest.approx(np.dot(w, ce) / np.sum(w), rel=1e-4)
     assert any("without the 3 images that have a copy in Train" in n for n in result["notes"])

@@ -75,7 +75,8 @@ def reference_run(data_dir, tmp_path_factory):
 def test_run_leaves_every_artefact(reference_run):
     summary = _summary(reference_run)
     assert summary["status"] == "finished" and summary["epochs_completed"] == 2
-    for name in ("metrics.jsonl", "config.json", "learning_curves.png", "tensorboard"):
+    for name in ("metrics.jsonl", "config.json", "learning_curves.png", "tensorboard",
+                 "calibration.json"):
         assert os.path.exists(os.path.join(reference_run, name)), name
     config = json.load(open(os.path.join(reference_run, "config.json")))
     assert config["run"]["device_count"] == 4 and config["run"]["versions"]["jax"]

@@ -105,7 +105,8 @@ class MultimodalClassifier(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, image, input_ids, attention_mask, *, train: bool, modality_mask=None):
+    def __call__(self, image, input_ids, attention_mask, *, train: bool, modality_mask=None,
+                 word_embeddings=None):
         """Classifies a batch.
 
         Args:
@@ -113,6 +114,8 @@ class MultimodalClassifier(nn.Module):
           input_ids, attention_mask: int [B,L] (ignored without a text tower).
           train: enables dropout, modality dropout and BatchNorm batch statistics.
           modality_mask: optional bool [B, len(modalities)], True = keep that tower.
+          word_embeddings: optional float [B,L,dim] replacing the text tower's embedding-table
+            lookup of ``input_ids`` (for attributions; see ``TextTower``).
 
         Returns:
           float32 logits [B, num_classes].
@@ -124,7 +127,7 @@ class MultimodalClassifier(nn.Module):
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,
                                       pooling=self.text_pooling, name="text")(
-                input_ids, attention_mask, train=train)
+                input_ids, attention_mask, train=train, word_embeddings=word_embeddings)
         return FusionHead(
             self.modalities, self.num_classes, self.proj_dim, self.hidden_dim, self.fusion,
             self.dropout, self.modality_dropout, self.dtype, name="head",

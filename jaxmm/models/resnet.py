@@ -30,6 +30,8 @@ ARCHS = {
     "tiny": {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)},
 }
 EXPANSION = 4
+# Name under which the last convolutional stage's output [B,h,w,C] is sown and perturbed.
+LAST_STAGE = "last_stage"
 
 # torchvision / timm classifier and HF ``ResNetForImageClassification`` head: ImageNet-only.
 IMAGE_TASK_HEADS = ("fc", "classifier")
@@ -114,6 +116,11 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = Bottleneck(width, stride, block == 0, norm, self.dtype,
                                name=f"layer{stage + 1}_{block}")(x)
+        if not self.is_initializing():
+            # Hooks for Grad-CAM (jaxmm.explain): both are no-ops unless the caller passes a
+            # 'perturbations' collection or makes 'intermediates' mutable; never created at init.
+            x = self.perturb(LAST_STAGE, x)
+            self.sow("intermediates", LAST_STAGE, x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

@@ -7,8 +7,10 @@ renaming.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import flax.linen as nn
 import jax.numpy as jnp
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
@@ -67,9 +69,30 @@ class TextTower(FlaxDistilBertModule):
 
     pooling: str = "cls"
 
-    def __call__(self, input_ids, attention_mask, *, train: bool) -> jnp.ndarray:
-        """Args: int [B,L] ids and mask. Returns: float32 [B, dim]."""
-        hidden = super().__call__(
-            input_ids, attention_mask, deterministic=not train, return_dict=True
-        ).last_hidden_state
+    def __call__(self, input_ids, attention_mask, *, train: bool,
+                 word_embeddings=None) -> jnp.ndarray:
+        """Encodes and pools a batch of token sequences.
+
+        Args:
+          input_ids, attention_mask: int [B,L].
+          train: enables dropout.
+          word_embeddings: optional float [B,L,dim] used instead of the embedding-table lookup
+            of ``input_ids`` (position embeddings, LayerNorm and the encoder are unchanged);
+            integrated gradients interpolate these.
+
+        Returns:
+          float32 [B, dim].
+        """
+        def lookup(next_fun, args, kwargs, context):
+            # The tower holds one nn.Embed of that name (DistilBERT's word-embedding table).
+            if (isinstance(context.module, nn.Embed) and context.method_name == "__call__"
+                    and context.module.name == "word_embeddings"):
+                return word_embeddings
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(lookup) if word_embeddings is not None else (
+                contextlib.nullcontext()):
+            hidden = super().__call__(
+                input_ids, attention_mask, deterministic=not train, return_dict=True
+            ).last_hidden_state
         return pool(hidden.astype(jnp.float32), attention_mask, self.pooling)
