@@ -19,10 +19,16 @@ TRAINING_ONLY = ("orbax", "grain", "tensorflow_datasets", "optax")
 
 @pytest.fixture(scope="module")
 def bundle_dir(trained_run, tmp_path_factory):  # noqa: F811
-    from jaxmm import bundle_writer
+    """The demo run exported without its temperature, so probabilities compare with the raw
+    ones of evaluation (the calibrated path has its own test below)."""
+    from jaxmm import bundle_writer, paths
 
-    out = str(tmp_path_factory.mktemp("bundle") / "garbage")
-    bundle_writer.export_run(trained_run, out, "best")
+    root = tmp_path_factory.mktemp("bundle")
+    run = str(root / "run")
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(
+        paths.CALIBRATION_FILE, paths.JAX_CACHE_DIR))
+    out = str(root / "garbage")
+    bundle_writer.export_run(run, out, "best")
     return out
 
 
@@ -47,7 +53,7 @@ def test_bundle_is_self_describing_and_pickle_free(bundle_dir):
     spec = bundle.read_spec(bundle_dir)
     assert spec["format_version"] == bundle.FORMAT_VERSION
     assert spec["function"]["platforms"] == ["cpu", "cuda"]
-    assert spec["calibration"] is None  # the demo run was never calibrated
+    assert spec["calibration"] is None  # exported without the run's calibration.json
     pre = spec["preprocessing"]
     assert (pre["stored_size"], pre["crop_size"], pre["text"]["max_text_length"]) == (40, 32, 16)
     assert spec["versions"]["jax"] and spec["architecture"]["image_arch"] == "tiny"
