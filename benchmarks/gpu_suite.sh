@@ -9,26 +9,32 @@
 # ml-collections, tensorboardX and their small dependencies; see docs/benchmarks.md for the
 # list). They go into a private folder with `pip install --no-index --no-deps --target SITE` and
 # PYTHONPATH; jax, jaxlib, CUDA and torch wheels are refused, so the image's GPU builds stay in
-# use. "-" installs nothing. Every version is printed first, then a tiny smoke step, then:
-#   1. the full model (ResNet-50 at 224 px + DistilBERT at length 32, random init), bf16, global
-#      batch $BATCH: train step alone and end to end from a prepared dataset through the grain
-#      pipeline ($WORKERS workers), compile time, peak memory, MFU, and a jax.profiler trace of
-#      steady-state end-to-end steps (OUTDIR/trace);
-#   2. the PyTorch reference in the same run: original-style (fp32, eager) and tuned (bf16
+# use. "-" installs nothing. Every version is printed first; then, in two phases:
+#   1. correctness, untimed and concurrent (each JAX process may take $SHARE of the GPU's memory):
+#      a tiny smoke step (an API break shows in seconds); the demo config trained in bf16 and
+#      evaluated on test, then started again in a fresh workdir that must find the first run's
+#      compilation cache; the demo in fp32, evaluated on test. Meanwhile the full-size synthetic
+#      dataset of phase 2 is generated and prepared ($PER_CLASS Train images per class).
+#   2. speed, one step at a time: the full model (ResNet-50 at 224 px + DistilBERT at length 32,
+#      random init), bf16, global batch $BATCH: train step alone and end to end from the
+#      prepared dataset through the grain pipeline ($WORKERS workers), compile time, peak memory,
+#      MFU, and a jax.profiler trace of 5 steady-state end-to-end steps (OUTDIR/trace, summed up
+#      by trace_summary.py); the PyTorch reference, original-style (fp32, eager) and tuned (bf16
 #      autocast, channels_last, torch.compile), with jaxmm's step measured in the same process;
-#   3. the demo config trained and evaluated in bf16, then the largest batch that fits ($TRY,
-#      largest first: step alone and end to end), the demo in fp32, and a second start of the
-#      bf16 demo that must find the first one's compilation cache.
+#      the largest batch that fits when JAX may take $FRACTION of the memory (predicted from the
+#      first measurement's peak, then 3/4 of it; $TRY overrides), step alone and end to end; the
+#      input pipeline alone, in-process and with $WORKERS workers.
 # Each step runs under `timeout`, and no step starts past the budget ($BUDGET s in all), so a
 # hang or a slow step costs that step, never the results already written. OUTDIR gets one JSON
 # per step, logs/, versions.json, nvidia-smi.txt, steps.tsv and summary.json (goals checked).
 #
 # Knobs (environment): PYTHON (python3), SITE (wheel install folder, default /tmp/jaxmm_site),
-# BUDGET (seconds, 450), BATCH (256), TRY (batches tried for "largest that fits", "1024 768 512"),
-# STEPS (timed steps, 30), WORKERS (grain workers, nproc - 2), WORK (datasets and compile cache,
-# /tmp/jaxmm_suite_work), CPU_TEST_ACCURACY (the README's CPU demo test accuracy, 0.79),
-# DRY_RUN=1 (tiny towers and sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE
-# (multiplies every step's time limit; 1, or 5 with DRY_RUN for slow shared CPUs).
+# BUDGET (seconds, 450), BATCH (256), TRY (batches tried for "largest that fits"; default
+# predicted), FRACTION (0.9), SHARE (0.2), STEPS (timed steps, 30), PER_CLASS (1024), WORKERS
+# (grain workers, nproc - 2), WORK (datasets and compile caches, /tmp/jaxmm_suite_work),
+# CPU_TEST_ACCURACY (the README's CPU demo test accuracy, 0.79), DRY_RUN=1 (tiny towers and
+# sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE (multiplies every step's time
+# limit; 1, or 5 with DRY_RUN for slow shared CPUs).
 set -uo pipefail
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" >&2; }
@@ -51,20 +57,20 @@ nproc_="$(nproc)"
 workers="${WORKERS:-$(( nproc_ > 3 ? nproc_ - 2 : 1 ))}"
 dry="${DRY_RUN:-0}"
 if [ "$dry" = 1 ]; then
-  batch="${BATCH:-8}"; try="${TRY:-16}"; steps="${STEPS:-2}"; scale="${LIMIT_SCALE:-5}"
+  batch="${BATCH:-8}"; steps="${STEPS:-2}"; scale="${LIMIT_SCALE:-5}"
+  per_class="${PER_CLASS:-16}"; pipe_batches=4; TRY="${TRY:-16}"
   model=(--image_arch tiny --text_arch tiny --image_size 32 --text_length 8)
   torch_extra=(--no_compile)
   demo=(--config.num_epochs=1 --config.demo.per_class=12 --config.demo.max_side=64
         --config.stored_image_size=40 --config.image_size=32 --config.batch_size=8
         --config.eval_batch_size=8)
 else
-  batch="${BATCH:-256}"; try="${TRY:-1024 768 512}"; steps="${STEPS:-30}"
-  scale="${LIMIT_SCALE:-1}"
+  batch="${BATCH:-256}"; steps="${STEPS:-30}"; scale="${LIMIT_SCALE:-1}"
+  per_class="${PER_CLASS:-1024}"; pipe_batches=24
   model=(); torch_extra=(); demo=()
 fi
-read -r -a try_batches <<<"$try"
-largest_try="${try_batches[0]}"
-(( largest_try > batch )) || largest_try="$batch"
+share="${SHARE:-0.2}"
+fraction="${FRACTION:-0.9}"
 mkdir -p "$work"
 export JAXMM_CACHE="$work/cache"  # the demo config generates its data there
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3
@@ -114,47 +120,75 @@ cat "$out/logs/versions.log" >&2
 [ "$dry" = 1 ] || "$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' \
   || die "JAX sees no GPU (set DRY_RUN=1 for a CPU plumbing check)"
 
-# Smoke: tiny towers, two steps, end to end with one worker; an API break shows here in seconds.
-step smoke 150 "$py" benchmarks/train_throughput.py --image_arch tiny --text_arch tiny \
-  --image_size 32 --text_length 8 --batch_size 8 --steps 2 --warmup 1 --num_workers 1 \
-  --work_dir "$work/smoke" --out "$out/smoke.json" || die "smoke step failed (logs/smoke.log)"
+# Phase 1, correctness (untimed, concurrent: each JAX process may take $SHARE of the GPU): the
+# smoke step (an API break shows in seconds), the demo in bf16 (then its second start, which
+# must find the first one's compilation cache) and in fp32, each evaluated on test; meanwhile
+# the full-size synthetic dataset of the end-to-end measurements is generated and prepared.
+data=(--work_dir "$work/full" --per_class "$per_class" --raw_max_side 320)
+JAX_PLATFORMS=cpu step prepare_full 150 "$py" benchmarks/train_throughput.py "${model[@]}" "${data[@]}" \
+  --prepare_only &
+prepare_pid=$!
+rm -rf "$work/demo_bf16" "$work/demo_fp32" "$work/demo_bf16_again"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="$share"
+demo_run() {  # demo_run NAME DTYPE [train flags...]: train, then evaluate the test split
+  local name="$1" dtype="$2"; shift 2
+  step "$name" 150 "$py" -m jaxmm.train --config configs/demo.py --workdir "$work/$name" \
+    --config.model.dtype="$dtype" "${demo[@]}" "$@" \
+    && step "${name}_eval" 90 "$py" -m jaxmm.evaluate --workdir "$work/$name" --split test
+}
+(
+  demo_run demo_bf16 bfloat16 || exit
+  "$py" benchmarks/gpu_suite_report.py cache "$work/demo_bf16/jax_cache" \
+    >"$out/demo_cache_before.json"
+  JAX_COMPILATION_CACHE_DIR="$work/demo_bf16/jax_cache" \
+    step demo_bf16_again 120 "$py" -m jaxmm.train --config configs/demo.py \
+    --workdir "$work/demo_bf16_again" --config.model.dtype=bfloat16 "${demo[@]}"
+) &
+bf16_pid=$!
+# Its own data cache: two runs must not generate the same demo dataset at once (same seed,
+# so the same data).
+JAXMM_CACHE="$work/cache_fp32" demo_run demo_fp32 float32 &
+fp32_pid=$!
+if ! step smoke 150 "$py" benchmarks/train_throughput.py --image_arch tiny --text_arch tiny \
+    --image_size 32 --text_length 8 --batch_size 8 --steps 2 --warmup 1 --num_workers 1 \
+    --work_dir "$work/smoke" --out "$out/smoke.json"; then
+  kill "$prepare_pid" "$bf16_pid" "$fp32_pid" 2>/dev/null
+  die "smoke step failed (logs/smoke.log)"
+fi
+wait "$bf16_pid" "$fp32_pid" "$prepare_pid"
+unset XLA_PYTHON_CLIENT_MEM_FRACTION
 
-# The full model shares one compilation cache, so the --compare run below reuses the compile.
+# Phase 2, speed (one step at a time, the GPU to itself). The full model shares one compilation
+# cache, so the PyTorch step's --compare run reuses the compile of the first measurement.
 export JAX_COMPILATION_CACHE_DIR="$work/jax_cache"
-data=(--work_dir "$work/full" --per_class $(( largest_try / 2 + 8 )))
 step jax_bf16_b"$batch" 240 "$py" benchmarks/train_throughput.py "${model[@]}" --dtype bfloat16 \
   --batch_size "$batch" --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" \
   "${data[@]}" --trace_dir "$out/trace" --out "$out/jax_bf16_b$batch.json"
 step torch_bf16_b"$batch" 240 "$py" benchmarks/torch_reference.py "${model[@]}" --dtype bfloat16 \
   --compare --batch_size "$batch" --steps "$steps" "${torch_extra[@]}" \
   --out "$out/torch_bf16_b$batch.json"
-unset JAX_COMPILATION_CACHE_DIR  # the demo runs keep their cache in their workdir
-
-demo_run() {  # demo_run NAME DTYPE [train flags...]: train, then evaluate the test split
-  local name="$1" dtype="$2"; shift 2
-  step "$name" 180 "$py" -m jaxmm.train --config configs/demo.py --workdir "$work/$name" \
-    --config.model.dtype="$dtype" "${demo[@]}" "$@" \
-    && step "${name}_eval" 90 "$py" -m jaxmm.evaluate --workdir "$work/$name" --split test
-}
-rm -rf "$work/demo_bf16" "$work/demo_fp32" "$work/demo_bf16_again"
-demo_run demo_bf16 bfloat16
-
-for b in "${try_batches[@]}"; do  # largest first: the first that runs is the answer
-  (( b > batch )) || continue
-  step "jax_bf16_b$b" 180 "$py" benchmarks/train_throughput.py "${model[@]}" --dtype bfloat16 \
-    --batch_size "$b" --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" \
-    "${data[@]}" --out "$out/jax_bf16_b$b.json" && break
+# The largest batch that fits when JAX may take $FRACTION of the memory: predicted from the
+# peak of the first measurement, then 3/4 of it if the prediction does not run.
+read -r -a try_batches <<<"${TRY:-$("$py" benchmarks/gpu_suite_report.py largest \
+  "$out/jax_bf16_b$batch.json" "$fraction" 2>/dev/null)}"
+log "largest-batch candidates: ${try_batches[*]:-none}"
+for b in "${try_batches[@]}"; do
+  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" step "jax_bf16_b$b" 180 "$py" \
+    benchmarks/train_throughput.py "${model[@]}" --dtype bfloat16 --batch_size "$b" \
+    --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" "${data[@]}" \
+    --out "$out/jax_bf16_b$b.json" && break
   [ $? = 3 ] && break  # out of budget
 done
+unset JAX_COMPILATION_CACHE_DIR
+# The input pipeline alone on this machine's cores: in-process and $WORKERS workers (the same
+# prepared dataset and tokenizer as the end-to-end runs).
+step pipeline 120 "$py" benchmarks/input_pipeline.py --data_dir "$work/full/raw" \
+  --work_dir "$work/full" --skip_original --grain_workers "0,$workers" --repeats 1 \
+  --steady_batches "$pipe_batches" --batch_size "$batch" --workers "$nproc_" \
+  --out "$out/pipeline.json"
 
-demo_run demo_fp32 float32
-# Second start of the bf16 demo: a fresh workdir reading the first run's compilation cache.
-"$py" benchmarks/gpu_suite_report.py cache "$work/demo_bf16/jax_cache" \
-  >"$out/demo_cache_before.json"
-JAX_COMPILATION_CACHE_DIR="$work/demo_bf16/jax_cache" \
-  step demo_bf16_again 180 "$py" -m jaxmm.train --config configs/demo.py \
-  --workdir "$work/demo_bf16_again" --config.model.dtype=bfloat16 "${demo[@]}"
-
+[ -d "$out/trace" ] && "$py" benchmarks/trace_summary.py "$out/trace" --steps 5 \
+  --out "$out/trace_summary.json" >/dev/null 2>"$out/logs/trace_summary.log"
 "$py" benchmarks/gpu_suite_report.py summary "$out" "$work" "$batch" \
   "${CPU_TEST_ACCURACY:-0.79}" | tee "$out/summary.json"
 log "done in $(( SECONDS - start_s )) s; results in $out"

@@ -2,11 +2,14 @@
 
     python benchmarks/gpu_suite_report.py versions OUT.json
     python benchmarks/gpu_suite_report.py cache CACHE_DIR > before.json
+    python benchmarks/gpu_suite_report.py largest RESULT.json FRACTION
     python benchmarks/gpu_suite_report.py summary OUTDIR WORKDIR BATCH CPU_TEST_ACCURACY
 
 ``versions`` prints (and writes) the version of every package the suite uses, where each comes
 from, the devices JAX sees and the CPU count; it exits 1 when a package does not import, so the
-suite stops before any long step. ``summary`` gathers the suite's JSON results into one object:
+suite stops before any long step. ``largest`` predicts, from the peak memory of one measured batch,
+the largest global batch (a multiple of 64) that fits when JAX may take FRACTION of the GPU's
+memory, and prints it with 3/4 of it as a fallback. ``summary`` gathers the suite's JSON results into one object:
 throughput at each batch, the PyTorch ratios, the demo runs' checks and the goals met or not.
 """
 
@@ -103,6 +106,26 @@ def demo_checks(work: str, name: str, cpu_accuracy: float) -> dict | None:
             "test_accuracy_ok": acc is not None and abs(acc - cpu_accuracy) <= 0.05}
 
 
+def largest_batches(result: dict, fraction: float, margin: float = 0.08) -> list[int]:
+    """[predicted largest batch, 3/4 of it] from one run's peak memory (train_throughput JSON).
+
+    Memory ~ fixed + batch x per-sample. The fixed part is the train state (params and two AdamW
+    moments) plus one more copy for the gradients; the rest of the peak scales with the batch.
+    The limit is the run's bytes_limit rescaled from its fraction (XLA_PYTHON_CLIENT_MEM_FRACTION,
+    0.75 by default) to ``fraction``, less ``margin`` for fragmentation and workspaces.
+    """
+    peak, limit = result.get("peak_memory_bytes"), result.get("memory_limit_bytes")
+    state, batch = result.get("state_bytes") or 0, result["global_batch"]
+    if not isinstance(peak, int) or not isinstance(limit, int):
+        return []
+    fixed = state * 4 / 3
+    per_sample = max(peak - fixed, 1) / batch
+    ran_at = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    usable = limit / ran_at * fraction * (1 - margin) - fixed
+    best = int(usable / per_sample) // 64 * 64
+    return [b for b in (best, best * 3 // 4 // 64 * 64) if b > batch]
+
+
 def cache_entries(cache_dir: str) -> list[str]:
     """File names in a JAX compilation cache folder (empty when there is none)."""
     return sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []
@@ -126,6 +149,10 @@ def summary(out: str, work: str, batch: int, cpu_accuracy: float) -> dict:
     after = cache_entries(os.path.join(work, "demo_bf16", paths.JAX_CACHE_DIR))
     s["demo"]["compile_cache"] = {"entries_before_second_start": len(before),
                                   "entries_added_by_second_start": len(set(after) - set(before))}
+    pipe = _load(os.path.join(out, "pipeline.json")) or {}
+    s["pipeline_alone_samples_per_s"] = {w: r.get("samples_per_s")
+                                         for w, r in pipe.get("grain", {}).items()}
+    s["trace"] = _load(os.path.join(out, "trace_summary.json"))
     main = s["throughput_bf16"].get(batch, {})
     s["met"] = {"e2e": (main.get("e2e_samples_per_s") or 0) >= GOALS["e2e_samples_per_s"],
                 "vs_original": (s["ratios"].get("jaxmm_vs_original") or 0) >= GOALS["vs_original"],
@@ -137,6 +164,9 @@ def main(argv: list[str]) -> int:
     """Dispatches the sub-commands of the module docstring."""
     if len(argv) == 2 and argv[0] == "cache":
         print(json.dumps(cache_entries(argv[1])))
+        return 0
+    if len(argv) == 3 and argv[0] == "largest":
+        print(" ".join(map(str, largest_batches(_load(argv[1]) or {}, float(argv[2])))))
         return 0
     if len(argv) == 2 and argv[0] == "versions":
         return versions(argv[1])

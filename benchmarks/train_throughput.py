@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default="", help="where (b) keeps its synthetic dataset")
     p.add_argument("--per_class", type=int, default=0, help="synthetic size; 0 = from batch")
     p.add_argument("--stored_image_size", type=int, default=0, help="0 = image_size * 8 / 7")
+    p.add_argument("--raw_max_side", type=int, default=0,
+                   help="longest side of the generated raw images; 0 = 2 x stored size")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="generate and prepare the dataset of (b) under --work_dir, then stop")
     p.add_argument("--num_workers", type=int, default=-1, help="grain workers; -1 = config's")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
     p.add_argument("--trace_dir", default="",
@@ -207,17 +211,24 @@ def peak_tflops(device, dtype: str, override: float) -> tuple[float | None, str]
     return None, "unknown for this device"
 
 
-def peak_memory(devices) -> int | str:
-    """Largest peak_bytes_in_use over the devices, or 'n/a' where JAX does not track it."""
-    peaks = []
+def memory_stat(devices, key: str = "peak_bytes_in_use") -> int | str:
+    """Largest ``key`` of the devices' memory_stats() (peak_bytes_in_use, bytes_limit), or
+    'n/a' where JAX does not track it (CPUs)."""
+    values = []
     for d in devices:
         try:
             stats = d.memory_stats()
         except Exception:  # noqa: BLE001 - not implemented on some backends
             stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
-    return max(peaks) if peaks else "n/a"
+        if stats and key in stats:
+            values.append(int(stats[key]))
+    return max(values) if values else "n/a"
+
+
+def state_bytes(state) -> int:
+    """Bytes of one replica of the train state (params, batch stats, optimizer state)."""
+    return int(sum(x.nbytes // x.shape[0] for x in jax.tree_util.tree_leaves(state)
+                   if hasattr(x, "nbytes") and x.ndim))
 
 
 def measure_step(args, config, devices) -> tuple[dict, object]:
@@ -233,7 +244,8 @@ def measure_step(args, config, devices) -> tuple[dict, object]:
            "step_time_ms": round(1000 * seconds / args.steps, 3),
            "samples_per_s": round(args.steps * args.batch_size / seconds, 2),
            "flops_per_sample_xla": flops / per_device if flops else None,
-           "flops_per_sample_analytic": analytic_flops_per_sample(config)}
+           "flops_per_sample_analytic": analytic_flops_per_sample(config),
+           "state_bytes": state_bytes(state)}
     return res, (compiled, state, key)
 
 
@@ -246,7 +258,8 @@ def prepared_dataset(args, config) -> str:
     # Enough train examples for two global batches per epoch (train ~ 4 x per_class).
     per_class = args.per_class or max(8, args.batch_size // 2)
     if not builder.has_dataset(raw):
-        synthetic.generate(raw, per_class, seed=0, max_side=2 * config.stored_image_size)
+        synthetic.generate(raw, per_class, seed=0,
+                           max_side=args.raw_max_side or 2 * config.stored_image_size)
     ds_dir, _ = prepared.prepare(raw, os.path.join(root, "prepared"),
                                  stored_image_size=config.stored_image_size, log=lambda s: None)
     return ds_dir
@@ -269,7 +282,8 @@ def measure_e2e(args, config, context) -> dict:
         state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
         state, seconds = run_steps(compiled, state, batches, key, args.steps)
         if args.trace_dir:
-            with jax.profiler.trace(args.trace_dir):
+            # The perfetto JSON (perfetto_trace.json.gz) is what benchmarks/trace_summary.py reads.
+            with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
                 state, _ = run_steps(compiled, state, batches, key, TRACE_STEPS)
     finally:
         if hasattr(it, "close"):
@@ -297,6 +311,9 @@ def _mfu(res: dict, devices, args) -> dict:
 
 def run(args) -> dict:
     """Runs the benchmark described by parsed ``args``; returns the result dict."""
+    if args.prepare_only:
+        return {"benchmark": "train_throughput", "dataset_dir":
+                prepared_dataset(args, make_config(args))}
     devices = select_devices(args.num_devices)
     if args.batch_size % len(devices):
         raise ValueError(f"--batch_size={args.batch_size} must be a multiple of the "
@@ -311,7 +328,8 @@ def run(args) -> dict:
            "date": datetime.date.today().isoformat()}
     step_res, context = measure_step(args, config, devices)
     res.update(step_res)
-    res["peak_memory_bytes"] = peak_memory(devices)
+    res["peak_memory_bytes"] = memory_stat(devices)
+    res["memory_limit_bytes"] = memory_stat(devices, "bytes_limit")
     if not args.skip_e2e:
         res.update(measure_e2e(args, config, context))
     res.update(_mfu(res, devices, args))
@@ -325,7 +343,7 @@ def format_table(res: dict) -> str:
     for k, v in res.items():
         if isinstance(v, float) and k.startswith("flops"):
             v = f"{v / 1e9:.2f} GFLOP"
-        elif k == "peak_memory_bytes" and isinstance(v, int):
+        elif k.endswith("_bytes") and isinstance(v, int):
             v = f"{v / 2**30:.2f} GiB"
         lines.append(f"{k:<{width}}  {v}")
     return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Where the time of a traced window goes: GPU busy and idle time, and the kernels that fill it.
+
+    python benchmarks/trace_summary.py TRACE_DIR_OR_FILE [--steps N] [--top K] [--out OUT.json]
+
+Reads the ``perfetto_trace.json.gz`` that ``jax.profiler.trace(..., create_perfetto_trace=True)``
+writes (``benchmarks/train_throughput.py --trace_dir``; the newest one under a folder). For each
+device process (``/device:GPU:N``) it takes the kernels and copies of its stream threads and
+reports:
+  - the window (first to last event of the whole trace) and the device's busy time (the union of
+    its kernel intervals), so busy / window says whether the device waited for the host;
+  - the idle gaps between kernels longer than 0.1 ms, summed (the host, the input pipeline or a
+    host-device copy kept the GPU waiting), and the longest one;
+  - time by kind of kernel (convolution, matrix product, copy, collective, other fused XLA code)
+    and the top kernels by total time.
+With ``--steps`` the per-step figures are given too. A trace without device processes (a CPU run)
+yields the window and an empty device list.
+"""
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+
+GAP_US = 100.0  # idle stretches shorter than this are launch latency, not waiting
+# Kinds of kernel by name, first match wins (cuDNN, cuBLAS/cuBLASLt/CUTLASS and XLA's own names).
+KINDS = (("copy", re.compile(r"memcpy|memset|copy", re.I)),
+         ("collective", re.compile(r"nccl|all-reduce|allreduce|all-gather|reduce-scatter", re.I)),
+         ("convolution", re.compile(r"conv|cudnn|xmma_fprop|xmma_dgrad|xmma_wgrad|implicit_gemm|"
+                                    r"fprop|dgrad|wgrad", re.I)),
+         ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|matmul|dot", re.I)),
+         ("fused XLA (elementwise, reductions, norms)", re.compile(r".")))
+
+
+def find_trace(path: str) -> str:
+    """The perfetto JSON itself, or the newest one below a trace folder."""
+    if os.path.isfile(path):
+        return path
+    found = glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {path}")
+    return max(found, key=os.path.getmtime)
+
+
+def load_events(path: str) -> list[dict]:
+    """The trace's events (a Chrome trace object or bare list, gzipped or not)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    return data.get("traceEvents", []) if isinstance(data, dict) else data
+
+
+def kind_of(name: str) -> str:
+    return next(kind for kind, pattern in KINDS if pattern.search(name))
+
+
+def union(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
+    """Total covered length of (start, end) intervals, and the gaps between covered stretches."""
+    covered, gaps, end = 0.0, [], None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            if end is not None:
+                gaps.append(s - end)
+            covered += e - s
+            end = e
+        elif e > end:
+            covered += e - end
+            end = e
+    return covered, gaps
+
+
+def device_summary(events: list[dict], threads: dict, window_us: float, top: int) -> dict:
+    """Busy time, gaps and kernel kinds of one device process's stream events."""
+    streams = [e for e in events if "stream" in threads.get(e.get("tid"), "").lower()]
+    kernels = streams or events  # traces that name no stream threads: all of the process
+    busy, gaps = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    long_gaps = [g for g in gaps if g > GAP_US]
+    by_kind, by_name = {}, {}
+    for e in kernels:
+        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"]
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
+    total = sum(by_kind.values()) or 1.0
+    return {"kernels": len(kernels), "busy_ms": round(busy / 1e3, 3),
+            "busy_fraction": round(busy / window_us, 4) if window_us else None,
+            "idle_gaps_over_0.1ms": len(long_gaps),
+            "idle_in_gaps_over_0.1ms_ms": round(sum(long_gaps) / 1e3, 3),
+            "longest_gap_ms": round(max(gaps, default=0.0) / 1e3, 3),
+            "time_by_kind": {k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
+                             for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:120], "ms": round(v / 1e3, 3), "share": round(v / total, 4)}
+                            for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def summarize(events: list[dict], steps: int = 0, top: int = 10) -> dict:
+    """The whole summary (module docstring) of a list of trace events."""
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e["pid"]] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e]
+    start = min((e["ts"] for e in spans), default=0.0)
+    window = max((e["ts"] + e["dur"] for e in spans), default=0.0) - start
+    res = {"window_ms": round(window / 1e3, 3), "steps": steps or None, "devices": {}}
+    for pid, name in sorted(processes.items()):
+        if "/device:" not in name or "CPU" in name:
+            continue
+        own = [e for e in spans if e["pid"] == pid]
+        own_threads = {tid: t for (p, tid), t in threads.items() if p == pid}
+        if own:
+            res["devices"][name] = device_summary(own, own_threads, window, top)
+    if steps:
+        res["window_ms_per_step"] = round(window / 1e3 / steps, 3)
+        for dev in res["devices"].values():
+            dev["busy_ms_per_step"] = round(dev["busy_ms"] / steps, 3)
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace", help="perfetto_trace.json.gz or a folder holding one")
+    p.add_argument("--steps", type=int, default=0, help="train steps in the traced window")
+    p.add_argument("--top", type=int, default=10, help="kernels listed by total time")
+    p.add_argument("--out", default="", help="also write the JSON here")
+    args = p.parse_args(argv)
+    res = summarize(load_events(find_trace(args.trace)), args.steps, args.top)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"trace_summary: {e}")
