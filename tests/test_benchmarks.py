@@ -3,6 +3,7 @@
 They check that every measurement runs and that the result has its fields, not the speed.
 """
 
+import gzip
 import importlib.util
 import json
 import os
@@ -144,7 +145,9 @@ def test_gpu_suite_summary_checks_goals_and_demo_runs(tmp_path):
                {"global_batch": batch, "samples_per_s": 2 * e2e, "e2e_samples_per_s": e2e})
     _write(str(out / "torch_bf16_b256.json"),
            {"original": {"samples_per_s": 900.0}, "tuned": {"samples_per_s": 9000.0},
-            "ratios": {"jaxmm_vs_original": 11.6, "jaxmm_vs_tuned": 1.16}})
+            "ratios": {"jaxmm_vs_original": 11.0, "jaxmm_vs_tuned": 1.1}})
+    _write(str(out / "pipeline.json"), {"grain": {"0": {"samples_per_s": 900.0},
+                                                  "14": {"samples_per_s": 6100.0}}})
     demo = work / "demo_bf16"
     _write(str(demo / "train_summary.json"), {"status": "finished", "compile_seconds": 9.0})
     _write(str(demo / "metrics.jsonl"), '{"loss": 1.2}\n{"loss": NaN}\n')
@@ -154,12 +157,59 @@ def test_gpu_suite_summary_checks_goals_and_demo_runs(tmp_path):
     _write(str(out / "demo_cache_before.json"), ["a"])
     s = rep.summary(str(out), str(work), 256, 0.79)
     assert s["largest_batch_run"] == 512
-    assert s["met"] == {"e2e": True, "vs_original": True, "vs_tuned": False}
+    # Ratios use the standalone jaxmm step (2 x 5200 samples/s); --compare's are kept apart.
+    assert s["ratios"] == {"jaxmm_vs_original": 11.556, "jaxmm_vs_tuned": 1.156}
+    assert s["ratios_jaxmm_in_torch_process"]["jaxmm_vs_tuned"] == 1.1
+    assert s["met"] == {"demos": False, "compile_cache": False, "pipeline_alone": True,
+                        "e2e": True, "vs_original": True, "vs_tuned": False}
     assert s["demo"]["demo_bf16"]["losses_finite"] is False  # the NaN is caught
     assert s["demo"]["demo_bf16"]["test_accuracy_ok"] is True
     assert s["demo"]["demo_fp32"] is None  # not run
     assert s["demo"]["compile_cache"] == {"entries_before_second_start": 1,
                                           "entries_added_by_second_start": 1}
+
+
+def test_largest_batch_is_predicted_from_the_measured_peak(monkeypatch):
+    rep = _load("gpu_suite_report")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    gib = 2**30
+    # 1 GiB of state, 9 GiB peak at batch 256 -> 7.67 GiB / 256 per sample; the limit was 75 %
+    # of 100 GiB, so 90 % is 90 GiB, less 8 % -> (82.8 - 1.33) / 0.02995 GiB = 2720 -> 2688.
+    res = {"global_batch": 256, "peak_memory_bytes": 9 * gib, "memory_limit_bytes": 75 * gib,
+           "state_bytes": gib}
+    assert rep.largest_batches(res, 0.9) == [2688, 1984]  # 3/4, down to 64s
+    assert rep.largest_batches(dict(res, peak_memory_bytes="n/a"), 0.9) == []  # CPUs
+    assert rep.largest_batches(dict(res, peak_memory_bytes=70 * gib), 0.9) == []  # no larger
+
+
+def test_trace_summary_finds_idle_gaps_and_kernel_kinds(tmp_path):
+    ts = _load("trace_summary")
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name",
+             "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    kernels = [("sm90_xmma_fprop_implicit_gemm_bf16", 0, 400), ("loop_add_fusion_3", 400, 100),
+               ("nvjet_sm90_tst_gemm", 450, 100),  # overlaps: busy counts it once
+               ("MemcpyH2D", 1550, 50), ("input_reduce_fusion_9", 1600, 400)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "ts": t, "dur": d, "name": n}
+                     for n, t, d in kernels]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": 2000, "name": "module"},
+               {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 4000, "name": "host"}]
+    path = tmp_path / "plugins" / "profile" / "x" / "perfetto_trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    res = ts.main([str(tmp_path), "--steps", "2"])
+    gpu = res["devices"]["/device:GPU:0"]
+    assert res["window_ms"] == 4.0 and res["window_ms_per_step"] == 2.0
+    assert gpu["busy_ms"] == 1.0  # 0-550 and 1550-2000; the "XLA Ops" line is not a stream
+    assert gpu["idle_gaps_over_0.1ms"] == 1 and gpu["longest_gap_ms"] == 1.0
+    kinds = gpu["time_by_kind"]
+    assert kinds["convolution"]["ms"] == 0.4 and kinds["matmul"]["ms"] == 0.1
+    assert kinds["copy"]["ms"] == 0.05
+    assert kinds["fused XLA (elementwise, reductions, norms)"]["ms"] == 0.5
+    assert gpu["top_kernels"][0]["name"].startswith("sm90_xmma_fprop")
 
 
 def test_gpu_suite_refuses_jax_and_cuda_wheels(tmp_path):
