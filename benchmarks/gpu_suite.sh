@@ -34,9 +34,9 @@
 # BUDGET (seconds, 450), BATCH (256), TRY (batches tried for "largest that fits"; default
 # predicted), FRACTION (0.9), SHARE (0.2), STEPS (timed steps, 30), PER_CLASS (1024), WORKERS
 # (grain workers, nproc - 2), WORK (datasets and compile caches, /tmp/jaxmm_suite_work),
-# CPU_TEST_ACCURACY (the README's seed-0 CPU demo test accuracy, 0.793), DRY_RUN=1 (tiny towers and
-# sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE (multiplies every step's time
-# limit; 1, or 5 with DRY_RUN for slow shared CPUs).
+# CPU_TEST_ACCURACY (the README's seed-0 CPU demo test accuracy, 0.793), DRY_RUN=1 (tiny towers
+# and sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE (multiplies every step's
+# time limit; 1, or 5 with DRY_RUN for slow shared CPUs).
 set -uo pipefail
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" >&2; }
