@@ -19,13 +19,14 @@
 #      inductor's cache.
 #   2. speed, one step at a time: the full model (ResNet-50 at 224 px + DistilBERT at length 32,
 #      random init), bf16, global batch $BATCH: train step alone and end to end from the
-#      prepared dataset through the grain pipeline ($WORKERS workers), compile time, peak memory,
-#      MFU, and a jax.profiler trace of 5 steady-state end-to-end steps (OUTDIR/trace, summed up
-#      by trace_summary.py); the PyTorch reference, original-style (fp32, eager) and tuned (bf16
-#      autocast, channels_last, torch.compile); the largest batch that fits when JAX may take
-#      $FRACTION of the memory (predicted from the first measurement's peak, then 3/4 of it;
-#      $TRY overrides), step alone and end to end; the input pipeline alone, in-process and
-#      with $WORKERS workers.
+#      prepared dataset through the grain pipeline ($WORKERS workers; batches placed on the GPU
+#      by the training loop's prefetch, then by the same in a background thread), compile time,
+#      peak memory, MFU, and a jax.profiler trace of 5 steady-state end-to-end steps
+#      (OUTDIR/trace, summed up by trace_summary.py); the PyTorch reference, original-style
+#      (fp32, eager) and tuned (bf16 autocast, channels_last, torch.compile); the largest batch
+#      that fits when JAX may take $FRACTION of the memory (predicted from the first
+#      measurement's peak, then 3/4 of it; $TRY overrides), step alone and end to end; the
+#      input pipeline alone, in-process and with $WORKERS workers.
 # Each step runs under `timeout`, and no step starts past the budget ($BUDGET s in all), so a
 # hang or a slow step costs that step, never the results already written. OUTDIR gets one JSON
 # per step, logs/, versions.json, nvidia-smi.txt, steps.tsv and summary.json (goals checked).
@@ -168,7 +169,7 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 
 # Phase 2, speed: one step at a time, the GPU to itself, compiles read from the caches.
 step jax_bf16_b"$batch" 180 "$py" benchmarks/train_throughput.py "${full[@]}" \
-  --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" \
+  --steps "$steps" --warmup $(( workers + 2 )) --num_workers "$workers" --prefetch_thread both \
   "${data[@]}" --trace_dir "$out/trace" --out "$out/jax_bf16_b$batch.json"
 step torch_bf16_b"$batch" 180 "$py" benchmarks/torch_reference.py "${full[@]}" \
   --steps "$steps" "${torch_extra[@]}" --out "$out/torch_bf16_b$batch.json"

@@ -9,8 +9,9 @@
 from, the devices JAX sees and the CPU count; it exits 1 when a package does not import, so the
 suite stops before any long step. ``largest`` predicts, from the peak memory of one measured batch,
 the largest global batch (a multiple of 64) that fits when JAX may take FRACTION of the GPU's
-memory, and prints it with 3/4 of it as a fallback. ``summary`` gathers the suite's JSON results into one object:
-throughput at each batch, the PyTorch ratios, the demo runs' checks and the goals met or not.
+memory, and prints it with 3/4 of it as a fallback. ``summary`` gathers the suite's JSON results
+into one object: throughput at each batch, the PyTorch ratios, the demo runs' checks, the
+pipeline alone, the trace summary and the goals met or not.
 """
 
 import glob
@@ -74,7 +75,8 @@ def _load(path: str):
 
 def throughput(out: str) -> dict:
     """Every jax_bf16_b<B>.json: step alone, end to end, memory, compile, MFU."""
-    keys = ("samples_per_s", "step_time_ms", "e2e_samples_per_s", "e2e_num_workers",
+    keys = ("samples_per_s", "step_time_ms", "e2e_samples_per_s", "e2e_thread_samples_per_s",
+            "e2e_num_workers",
             "compile_s", "peak_memory_bytes", "mfu", "mfu_xla_count", "device_kind")
     rows = {}
     for path in sorted(glob.glob(os.path.join(out, "jax_bf16_b*.json"))):

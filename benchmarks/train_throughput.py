@@ -11,8 +11,9 @@ loss and the AdamW optimizer of training, built by the same ``jaxmm.builders`` f
 Measured after warm-up, with one ``block_until_ready`` at the end of each timed window:
   (a) step: samples/s of the train step on device-resident synthetic batches;
   (b) e2e: samples/s from a prepared TFDS dataset through the real grain train pipeline and
-      ``parallel.prefetch_to_device`` into the same compiled step. Without --dataset_dir a small
-      synthetic dataset is generated (``jaxmm.data.synthetic``) and prepared
+      ``parallel.prefetch_to_device`` into the same compiled step (--prefetch_thread: with the
+      prefetch in a background thread, or both ways one after the other). Without --dataset_dir
+      a small synthetic dataset is generated (``jaxmm.data.synthetic``) and prepared
       (``jaxmm.data.prepared``).
 Also: compile time (lower + compile), step time, peak device memory, the memory limit and the
 train state's size (which ``gpu_suite_report.py largest`` turns into the largest batch), and MFU.
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per window")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each window")
     p.add_argument("--skip_e2e", action="store_true", help="only measure (a)")
+    p.add_argument("--prefetch_thread", default="off", choices=("off", "on", "both"),
+                   help="(b) with prefetch_to_device(thread=...): off, on, or both one after "
+                        "the other (the second as e2e_thread_*)")
     p.add_argument("--dataset_dir", default="", help="prepared TFDS dataset dir for (b)")
     p.add_argument("--work_dir", default="", help="where (b) keeps its synthetic dataset")
     p.add_argument("--per_class", type=int, default=0, help="synthetic size; 0 = from batch")
@@ -274,23 +278,28 @@ def prepared_dataset(args, config) -> str:
     return ds_dir
 
 
-def measure_e2e(args, config, context) -> dict:
-    """Part (b): grain pipeline -> prefetch_to_device -> the compiled step."""
+def measure_e2e(args, config, context, *, thread: bool = False,
+                trace: bool = True) -> tuple[dict, tuple]:
+    """Part (b): grain pipeline -> prefetch_to_device (in a thread with ``thread``) -> the
+    compiled step; with ``trace`` and --trace_dir, a profile of TRACE_STEPS more steps.
+    Returns (results, context with the new state: the step donates the one it is given)."""
     compiled, state, key = context
+    trace = trace and bool(args.trace_dir)
     ds_dir = prepared_dataset(args, config)
     tokenizer = tokenizer_lib.get_tokenizer(config, ds_dir)
     source = pipeline.load_splits(ds_dir)["train"]
     per_epoch = len(source) // args.batch_size
-    total = args.warmup + args.steps + (TRACE_STEPS if args.trace_dir else 0)
+    total = args.warmup + args.steps + (TRACE_STEPS if trace else 0)
     it = pipeline.make_train_iter(
         config, source, tokenizer, local_batch_size=args.batch_size // jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_epochs=math.ceil(total / max(per_epoch, 1)) + 1)
+    prefetch = parallel.prefetch_to_device(it, config.prefetch_batches, thread=thread)
     try:
-        batches = (b for b, _ in parallel.prefetch_to_device(it, config.prefetch_batches))
+        batches = (b for b, _ in prefetch)
         state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
         state, seconds = run_steps(compiled, state, batches, key, args.steps)
-        if args.trace_dir:
+        if trace:
             # The perfetto JSON (perfetto_trace.json.gz) is what benchmarks/trace_summary.py reads.
             # Python function tracing would slow the host (the input side) several times over.
             options = jax.profiler.ProfileOptions()
@@ -299,12 +308,14 @@ def measure_e2e(args, config, context) -> dict:
                                     profiler_options=options):
                 state, _ = run_steps(compiled, state, batches, key, TRACE_STEPS)
     finally:
+        prefetch.close()  # stops a prefetch thread before its iterator goes
         if hasattr(it, "close"):
             it.close()
-    return {"e2e_samples_per_s": round(args.steps * args.batch_size / seconds, 2),
-            "e2e_step_time_ms": round(1000 * seconds / args.steps, 3),
-            "e2e_num_workers": config.num_workers, "e2e_train_examples": len(source),
-            "e2e_stored_image_size": config.stored_image_size}
+    res = {"e2e_samples_per_s": round(args.steps * args.batch_size / seconds, 2),
+           "e2e_step_time_ms": round(1000 * seconds / args.steps, 3),
+           "e2e_num_workers": config.num_workers, "e2e_train_examples": len(source),
+           "e2e_stored_image_size": config.stored_image_size}
+    return res, (compiled, state, key)
 
 
 def _mfu(res: dict, devices, args) -> dict:
@@ -349,7 +360,18 @@ def run(args) -> dict:
     res["peak_memory_bytes"] = memory_stat(devices)
     res["memory_limit_bytes"] = memory_stat(devices, "bytes_limit")
     if not args.skip_e2e:
-        res.update(measure_e2e(args, config, context))
+        if args.prefetch_thread in ("off", "both"):
+            plain, context = measure_e2e(args, config, context)
+            res.update(plain)
+        if args.prefetch_thread in ("on", "both"):
+            threaded, context = measure_e2e(args, config, context, thread=True,
+                                            trace=args.prefetch_thread == "on")
+            if args.prefetch_thread == "on":
+                res.update(threaded)
+            else:  # both: the threaded window next to the plain one
+                res["e2e_thread_samples_per_s"] = threaded["e2e_samples_per_s"]
+                res["e2e_thread_step_time_ms"] = threaded["e2e_step_time_ms"]
+        res["e2e_prefetch_thread"] = args.prefetch_thread
     res.update(_mfu(res, devices, args))
     return res
 

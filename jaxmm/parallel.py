@@ -6,6 +6,8 @@ Keeping this in one module means a later move to ``jit`` + ``NamedSharding`` sta
 
 import collections
 import os
+import queue as queue_lib
+import threading
 from collections.abc import Iterator
 
 import jax
@@ -146,7 +148,8 @@ def shard_to_devices(batch: dict) -> dict:
     return jax.device_put(shard(batch), _device_axis_sharding())
 
 
-def prefetch_to_device(iterator: Iterator, size: int = 2) -> Iterator[tuple[dict, object]]:
+def prefetch_to_device(iterator: Iterator, size: int = 2, *,
+                       thread: bool = False) -> Iterator[tuple[dict, object]]:
     """Places batches on the local devices ``size`` steps ahead of the train step.
 
     Yields (device_batch, iterator_state) where ``iterator_state`` is the grain iterator state
@@ -156,7 +159,14 @@ def prefetch_to_device(iterator: Iterator, size: int = 2) -> Iterator[tuple[dict
     Args:
       iterator: a grain DatasetIterator yielding host batches.
       size: how many batches to keep in flight.
+      thread: draw and transfer the batches in a background thread, so that taking a batch out
+        of grain and its host-to-device copy overlap with the dispatch of the steps (same
+        batches and states, in the same order). An exception of the iterator reaches the caller
+        at the batch where it happened.
     """
+    if thread:
+        yield from _prefetch_in_thread(iterator, max(size, 1))
+        return
     queue = collections.deque()
 
     def enqueue():
@@ -175,6 +185,51 @@ def prefetch_to_device(iterator: Iterator, size: int = 2) -> Iterator[tuple[dict
         except StopIteration:
             pass
         yield item
+
+
+_END = object()
+
+
+def _prefetch_in_thread(iterator: Iterator, size: int) -> Iterator[tuple[dict, object]]:
+    """prefetch_to_device(thread=True): one producer thread, a queue of ``size`` batches."""
+    items = queue_lib.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue_lib.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                if not put((shard_to_devices(batch), iterator.get_state())):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    producer = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped early or is done: release the producer
+        stop.set()
+        producer.join(timeout=10)
 
 
 def replicate(tree):

@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import time
 import types
 
 import jax
@@ -30,6 +31,40 @@ def test_prefetch_keeps_order_and_the_state_after_each_batch():
     seen = [(int(b["x"][0, 0, 0]), s["i"])
             for b, s in parallel.prefetch_to_device(_Counting(5), size=2)]
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
+
+
+def test_prefetch_in_a_thread_gives_the_same_batches_and_states():
+    def run(thread):
+        return [(int(b["x"][0, 0, 0]), s["i"])
+                for b, s in parallel.prefetch_to_device(_Counting(7), size=2, thread=thread)]
+
+    assert run(True) == run(False) == [(i, i) for i in range(1, 8)]
+
+
+class _Failing(_Counting):
+    def __next__(self):
+        if self.i == 3:
+            raise ValueError("bad record 3")
+        return super().__next__()
+
+
+def test_prefetch_in_a_thread_raises_the_iterators_error_at_its_batch():
+    seen = []
+    with pytest.raises(ValueError, match="bad record 3"):
+        for b, _ in parallel.prefetch_to_device(_Failing(9), size=2, thread=True):
+            seen.append(int(b["x"][0, 0, 0]))
+    assert seen == [1, 2, 3]
+
+
+def test_prefetch_in_a_thread_stops_when_the_consumer_stops():
+    source = _Counting(1000)
+    batches = parallel.prefetch_to_device(source, size=2, thread=True)
+    assert int(next(batches)[0]["x"][0, 0, 0]) == 1
+    batches.close()  # as when a training loop breaks out early
+    drawn = source.i
+    assert drawn <= 1 + 2 + 1  # the one taken, the queue, at most one being placed
+    time.sleep(0.3)
+    assert source.i == drawn  # the producer thread has stopped drawing
 
 
 def test_shard_replicate_and_unreplicate_round_trip():
