@@ -15,7 +15,8 @@
 #      must find the first run's compilation cache; the demo in fp32, evaluated on test; and the
 #      one-off work of phase 2: the full-size synthetic dataset ($PER_CLASS Train images per
 #      class), jaxmm's full-model step compiled into phase 2's compilation cache (the early
-#      check: the suite stops when it fails) and the tuned PyTorch mode compiled into
+#      check: the suite stops when it fails; its optimized HLO goes to OUTDIR/step_hlo.txt.gz,
+#      which names the kernels of the trace) and the tuned PyTorch mode compiled into
 #      inductor's cache.
 #   2. speed, one step at a time: the full model (ResNet-50 at 224 px + DistilBERT at length 32,
 #      random init), bf16, global batch $BATCH: train step alone and end to end from the
@@ -160,7 +161,8 @@ pids+=($!)
 step torch_compile 240 "$py" benchmarks/torch_reference.py "${full[@]}" --modes tuned \
   --steps 1 --warmup 1 "${torch_extra[@]}" &
 pids+=($!)
-if ! step jax_compile 240 "$py" benchmarks/train_throughput.py "${full[@]}" --compile_only; then
+if ! step jax_compile 240 "$py" benchmarks/train_throughput.py "${full[@]}" --compile_only \
+    --hlo_out "$out/step_hlo.txt.gz"; then
   kill "${pids[@]}" 2>/dev/null
   die "jaxmm's full-model step does not compile here (logs/jax_compile.log)"
 fi
@@ -193,7 +195,8 @@ step pipeline 120 "$py" benchmarks/input_pipeline.py --data_dir "$work/full/raw"
   --steady_batches "$pipe_batches" --batch_size "$batch" --workers "$nproc_" \
   --out "$out/pipeline.json"
 
-[ -d "$out/trace" ] && "$py" benchmarks/trace_summary.py "$out/trace" --steps 5 \
+hlo=(); [ -f "$out/step_hlo.txt.gz" ] && hlo=(--hlo "$out/step_hlo.txt.gz")
+[ -d "$out/trace" ] && "$py" benchmarks/trace_summary.py "$out/trace" --steps 5 "${hlo[@]}" \
   --out "$out/trace_summary.json" >/dev/null 2>"$out/logs/trace_summary.log"
 "$py" benchmarks/gpu_suite_report.py summary "$out" "$work" "$batch" \
   "${CPU_TEST_ACCURACY:-0.793}" | tee "$out/summary.json"

@@ -1,6 +1,7 @@
 """Where the time of a traced window goes: GPU busy and idle time, and the kernels that fill it.
 
     python benchmarks/trace_summary.py TRACE_DIR_OR_FILE [--steps N] [--top K] [--out OUT.json]
+        [--hlo STEP_HLO.txt.gz]
 
 Reads the ``perfetto_trace.json.gz`` that ``jax.profiler.trace(..., create_perfetto_trace=True)``
 writes (``benchmarks/train_throughput.py --trace_dir``; the newest one under a folder). For each
@@ -12,11 +13,17 @@ reports:
     host-device copy kept the GPU waiting), and the longest one;
   - time by kind of kernel (convolution, matrix product, copy, collective, other fused XLA code)
     and the top kernels by total time.
-With ``--steps`` the per-step figures are given too. A trace without device processes (a CPU run)
-yields the window and an empty device list.
+With ``--steps`` the per-step figures are given too. With ``--hlo`` (the optimized HLO of the
+traced step, ``train_throughput.py --hlo_out``) XLA's own kernels, which are named after their
+HLO fusions, are traced back to the JAX code they came from: time by part of the program
+(forward or backward of each tower, or outside the model: loss, gradient norm, optimizer) and by
+kind of layer (the innermost module: bn, conv, Dense, ...). Library kernels (cuDNN, cuBLAS) carry
+no HLO name in the trace and are counted under "library kernel". A trace without device
+processes (a CPU run) yields the window and an empty device list.
 """
 
 import argparse
+import collections
 import glob
 import gzip
 import json
@@ -52,6 +59,57 @@ def load_events(path: str) -> list[dict]:
     return data.get("traceEvents", []) if isinstance(data, dict) else data
 
 
+_HLO_FUSION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+# Name-stack entries of control flow and calls, not of Flax modules.
+_NOT_MODULES = {"while", "body", "cond", "closed_call", "remat", "checkpoint", "train_step",
+                "branch_0_fun", "branch_1_fun"}
+_WRAPPER = re.compile(r"^(?:jit|pmap|xla_pmap|shard_map)\([^)]*\)$")
+
+
+def load_hlo_names(path: str) -> dict[str, str]:
+    """{kernel name: JAX op_name} from an optimized HLO text (gzipped or not). GPU kernels of
+    XLA fusions carry the instruction's name with '.' written as '_'."""
+    opener = gzip.open if path.endswith(".gz") else open
+    names = {}
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            m = _HLO_FUSION.match(line)
+            if m:
+                names[m.group(1).replace(".", "_")] = m.group(2)
+    return names
+
+
+def source_of(op_name: str) -> tuple[str, str]:
+    """(part of the program, kind of layer) of one op_name, e.g.
+    'jit(_fun)/transpose(jvp(Model))/image/layer1_0/bn1/mul' -> ('backward image', 'bn')."""
+    parts = [p for p in op_name.split("/") if p]
+    while parts and _WRAPPER.match(parts[0]):
+        parts = parts[1:]
+    if not parts or not parts[0].startswith(("jvp(", "transpose(jvp(")) or len(parts) < 3:
+        return "outside the model (loss, gradient norm, optimizer)", "outside the model"
+    part = ("backward " if parts[0].startswith("transpose(") else "forward ") + parts[1]
+    modules = [p for p in parts[1:-1] if "(" not in p and p not in _NOT_MODULES]
+    layer = re.sub(r"[_\d]+$", "", modules[-1]) if modules else parts[1]
+    return part, layer or parts[1]
+
+
+def by_source(kernels: list[dict], names: dict[str, str], top: int) -> dict:
+    """Kernel time by part of the program and by kind of layer (see the module docstring)."""
+    part, layer = collections.Counter(), collections.Counter()
+    for e in kernels:
+        op = names.get(e["name"])
+        p, k = source_of(op) if op else ("library kernel", "library kernel")
+        part[p] += e["dur"]
+        layer[k] += e["dur"]
+    total = sum(part.values()) or 1.0
+
+    def table(counter):
+        return {k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
+                for k, v in counter.most_common(top)}
+
+    return {"time_by_part": table(part), "time_by_layer_kind": table(layer)}
+
+
 def kind_of(name: str) -> str:
     return next(kind for kind, pattern in KINDS if pattern.search(name))
 
@@ -71,7 +129,8 @@ def union(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
     return covered, gaps
 
 
-def device_summary(events: list[dict], threads: dict, window_us: float, top: int) -> dict:
+def device_summary(events: list[dict], threads: dict, window_us: float, top: int,
+                   hlo_names: dict | None = None) -> dict:
     """Busy time, gaps and kernel kinds of one device process's stream events."""
     streams = [e for e in events if "stream" in threads.get(e.get("tid"), "").lower()]
     kernels = streams or events  # traces that name no stream threads: all of the process
@@ -82,7 +141,8 @@ def device_summary(events: list[dict], threads: dict, window_us: float, top: int
         by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"]
         by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
     total = sum(by_kind.values()) or 1.0
-    return {"kernels": len(kernels), "busy_ms": round(busy / 1e3, 3),
+    sources = by_source(kernels, hlo_names, top) if hlo_names else {}
+    return {**sources, "kernels": len(kernels), "busy_ms": round(busy / 1e3, 3),
             "busy_fraction": round(busy / window_us, 4) if window_us else None,
             "idle_gaps_over_0.1ms": len(long_gaps),
             "idle_in_gaps_over_0.1ms_ms": round(sum(long_gaps) / 1e3, 3),
@@ -93,7 +153,8 @@ def device_summary(events: list[dict], threads: dict, window_us: float, top: int
                             for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
 
 
-def summarize(events: list[dict], steps: int = 0, top: int = 10) -> dict:
+def summarize(events: list[dict], steps: int = 0, top: int = 10,
+              hlo_names: dict | None = None) -> dict:
     """The whole summary (module docstring) of a list of trace events."""
     processes, threads = {}, {}
     for e in events:
@@ -111,7 +172,7 @@ def summarize(events: list[dict], steps: int = 0, top: int = 10) -> dict:
         own = [e for e in spans if e["pid"] == pid]
         own_threads = {tid: t for (p, tid), t in threads.items() if p == pid}
         if own:
-            res["devices"][name] = device_summary(own, own_threads, window, top)
+            res["devices"][name] = device_summary(own, own_threads, window, top, hlo_names)
     if steps:
         res["window_ms_per_step"] = round(window / 1e3 / steps, 3)
         for dev in res["devices"].values():
@@ -125,8 +186,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=0, help="train steps in the traced window")
     p.add_argument("--top", type=int, default=10, help="kernels listed by total time")
     p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--hlo", default="", help="optimized HLO text of the traced step (.gz ok)")
     args = p.parse_args(argv)
-    res = summarize(load_events(find_trace(args.trace)), args.steps, args.top)
+    names = load_hlo_names(args.hlo) if args.hlo else None
+    res = summarize(load_events(find_trace(args.trace)), args.steps, args.top, names)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -34,6 +34,7 @@ overrides; elsewhere (CPUs) MFU is "n/a".
 
 import argparse
 import datetime
+import gzip
 import json
 import math
 import os
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest side of the generated raw images; 0 = 2 x stored size")
     p.add_argument("--compile_only", action="store_true",
                    help="compile the step (filling JAX_COMPILATION_CACHE_DIR when set), then stop")
+    p.add_argument("--hlo_out", default="",
+                   help="write the compiled step's optimized HLO here (gzipped text), which "
+                        "benchmarks/trace_summary.py --hlo uses to attribute kernels")
     p.add_argument("--prepare_only", action="store_true",
                    help="generate and prepare the dataset of (b) under --work_dir, then stop")
     p.add_argument("--num_workers", type=int, default=-1, help="grain workers; -1 = config's")
@@ -248,6 +252,9 @@ def measure_step(args, config, devices) -> tuple[dict, object]:
     key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
     batches = to_devices(synthetic_batches(config, args.batch_size))
     compiled, compile_s, flops = compile_step(train_fn, state, batches[0], key)
+    if args.hlo_out:  # kernel names in a trace are those of this HLO's fusions
+        with gzip.open(args.hlo_out, "wt", encoding="utf-8") as f:
+            f.write(compiled.as_text())
     if args.compile_only:
         return {"compile_s": round(compile_s, 2), "state_bytes": state_bytes(state)}, None
     state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))

@@ -32,13 +32,13 @@ def test_train_throughput_tiny(tmp_path, capsys):
     tt = _load("train_throughput")
     out = tmp_path / "r.json"
     res = tt.main(TINY + ["--work_dir", str(tmp_path / "work"), "--num_workers", "0",
-                          "--out", str(out)])
+                          "--prefetch_thread", "both", "--out", str(out)])
     assert json.loads(out.read_text()) == res
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [json.loads(x) for x in lines] == [res]  # one JSON line
     assert res["num_devices"] == 4 and res["global_batch"] == 8  # conftest's fake devices
     for key in ("samples_per_s", "step_time_ms", "compile_s", "e2e_samples_per_s",
-                "e2e_step_time_ms"):
+                "e2e_step_time_ms", "e2e_thread_samples_per_s", "e2e_thread_step_time_ms"):
         assert res[key] > 0, key
     assert res["flops_per_sample_xla"] > 0  # XLA's cost analysis works on CPU
     assert res["flops_per_sample_analytic"] is None  # only defined for the full model
@@ -210,6 +210,21 @@ def test_trace_summary_finds_idle_gaps_and_kernel_kinds(tmp_path):
     assert kinds["copy"]["ms"] == 0.05
     assert kinds["fused XLA (elementwise, reductions, norms)"]["ms"] == 0.5
     assert gpu["top_kernels"][0]["name"].startswith("sm90_xmma_fprop")
+    assert "time_by_part" not in gpu  # only with --hlo
+
+    hlo = tmp_path / "step_hlo.txt.gz"
+    with gzip.open(hlo, "wt") as f:  # as XLA prints it: '.' in the name, '_' in the kernel's
+        f.write('  %loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%fc.3, metadata={'
+                'op_name="jit(_fun)/transpose(jvp(Model))/image/layer1_0/bn2/add" '
+                'stack_frame_id=5}\n'
+                '  ROOT %input_reduce_fusion.9 = f32[] fusion(%g), kind=kInput, calls=%fc.9, '
+                'metadata={op_name="jit(_fun)/reduce_sum" stack_frame_id=9}\n')
+    gpu = ts.main([str(tmp_path), "--hlo", str(hlo)])["devices"]["/device:GPU:0"]
+    assert gpu["time_by_part"] == {
+        "library kernel": {"ms": 0.55, "share": 0.5238},  # fprop, gemm, memcpy
+        "outside the model (loss, gradient norm, optimizer)": {"ms": 0.4, "share": 0.381},
+        "backward image": {"ms": 0.1, "share": 0.0952}}
+    assert gpu["time_by_layer_kind"]["bn"]["ms"] == 0.1
 
 
 def test_gpu_suite_refuses_jax_and_cuda_wheels(tmp_path):
