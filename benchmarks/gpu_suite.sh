@@ -38,7 +38,8 @@
 # (grain workers, nproc - 2), WORK (datasets and compile caches, /tmp/jaxmm_suite_work),
 # CPU_TEST_ACCURACY (the README's seed-0 CPU demo test accuracy, 0.793), DRY_RUN=1 (tiny towers
 # and sizes, JAX on the CPU allowed; numbers mean nothing), LIMIT_SCALE (multiplies every step's
-# time limit; 1, or 5 with DRY_RUN for slow shared CPUs).
+# time limit; 1, or 5 with DRY_RUN for slow shared CPUs), ARCHIVE (also write OUTDIR as this
+# .tgz at the end).
 set -uo pipefail
 
 log() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" >&2; }
@@ -201,3 +202,6 @@ hlo=(); [ -f "$out/step_hlo.txt.gz" ] && hlo=(--hlo "$out/step_hlo.txt.gz")
 "$py" benchmarks/gpu_suite_report.py summary "$out" "$work" "$batch" \
   "${CPU_TEST_ACCURACY:-0.793}" | tee "$out/summary.json"
 log "done in $(( SECONDS - start_s )) s; results in $out"
+if [ -n "${ARCHIVE:-}" ]; then  # one file to carry the results off the machine
+  tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")" && log "archive: $ARCHIVE"
+fi
