@@ -138,7 +138,8 @@ def device_summary(events: list[dict], threads: dict, window_us: float, top: int
     long_gaps = [g for g in gaps if g > GAP_US]
     by_kind, by_name = {}, {}
     for e in kernels:
-        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"]
+        kind = kind_of(e["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"]
         by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
     total = sum(by_kind.values()) or 1.0
     sources = by_source(kernels, hlo_names, top) if hlo_names else {}
