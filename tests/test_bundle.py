@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import without_shared_cache
 from tests.test_eval_report import REPO, _env, _read_csv, trained_run  # noqa: F401
 
 TRAINING_ONLY = ("orbax", "grain", "tensorflow_datasets", "optax")
@@ -203,8 +204,8 @@ def test_bundle_path_imports_no_training_package_and_caches_compilation(bundle_d
         "assert 'jax' not in sys.modules, 'import jaxmm imports jax'\n"
         f"p = jaxmm.Classifier.load({copy!r}).predict([{files[0]!r}], [{texts[0]!r}]).probs\n"
         "print(json.dumps({'probs': p.tolist(), 'modules': sorted(sys.modules)}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(1), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=without_shared_cache(_env(1)),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(result["probs"][0], probs[0], atol=1e-5)

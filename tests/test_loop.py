@@ -128,6 +128,8 @@ def test_stop_signal_saves_exits_75_and_resumes(data_dir, tmp_path, sig):
 
     saved = checkpointing.available(str(tmp_path))["latest"]
     assert saved is not None
+    if sig != signal.SIGTERM:
+        return  # the resume does not depend on which signal stopped the run: checked once
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Resumed from step {saved}" in out.stderr
