@@ -13,7 +13,11 @@ reports:
     host-device copy kept the GPU waiting), and the longest one;
   - time by kind of kernel (convolution, matrix product, copy, collective, other fused XLA code)
     and the top kernels by total time.
-With ``--steps`` the per-step figures are given too. With ``--hlo`` (the optimized HLO of the
+With ``--steps`` the per-step figures are given too, and, when the device ran the same number of
+kernels in every step (the same compiled program), its step structure: kernels per step, the
+short ones (< 20 us) and those run as a single thread block, and the update tail: the kernels
+after the step's last convolution or matrix product (the optimizer update of every parameter and
+what comes after it), with their busy time. With ``--hlo`` (the optimized HLO of the
 traced step, ``train_throughput.py --hlo_out``) XLA's own kernels, which are named after their
 HLO fusions, are traced back to the JAX code they came from: time by part of the program
 (forward or backward of each tower, or outside the model: loss, gradient norm, optimizer) and by
@@ -32,6 +36,8 @@ import re
 import sys
 
 GAP_US = 100.0  # idle stretches shorter than this are launch latency, not waiting
+SHORT_US = 20.0  # kernels shorter than this are mostly launch and tail, little work
+_SINGLE_BLOCK = re.compile(r"\bgrid:1,1,1\b")
 # Kinds of kernel by name, first match wins (cuDNN, cuBLAS/cuBLASLt/CUTLASS and XLA's own names).
 KINDS = (("copy", re.compile(r"memcpy|memset|copy", re.I)),
          ("collective", re.compile(r"nccl|all-reduce|allreduce|all-gather|reduce-scatter", re.I)),
@@ -130,7 +136,7 @@ def union(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
 
 
 def device_summary(events: list[dict], threads: dict, window_us: float, top: int,
-                   hlo_names: dict | None = None) -> dict:
+                   hlo_names: dict | None = None, steps: int = 0) -> dict:
     """Busy time, gaps and kernel kinds of one device process's stream events."""
     streams = [e for e in events if "stream" in threads.get(e.get("tid"), "").lower()]
     kernels = streams or events  # traces that name no stream threads: all of the process
@@ -143,6 +149,7 @@ def device_summary(events: list[dict], threads: dict, window_us: float, top: int
         by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
     total = sum(by_kind.values()) or 1.0
     sources = by_source(kernels, hlo_names, top) if hlo_names else {}
+    structure = step_structure(kernels, steps)
     return {**sources, "kernels": len(kernels), "busy_ms": round(busy / 1e3, 3),
             "busy_fraction": round(busy / window_us, 4) if window_us else None,
             "idle_gaps_over_0.1ms": len(long_gaps),
@@ -151,7 +158,37 @@ def device_summary(events: list[dict], threads: dict, window_us: float, top: int
             "time_by_kind": {k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
                              for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:120], "ms": round(v / 1e3, 3), "share": round(v / total, 4)}
-                            for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
+                            for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+            **({"step_structure": structure} if structure else {})}
+
+
+def step_structure(kernels: list[dict], steps: int) -> dict | None:
+    """Per-step kernel counts and the update tail (module docstring), averaged over the steps;
+    None unless the kernels split evenly into ``steps`` runs of the same program."""
+    if steps < 1 or not kernels or len(kernels) % steps:
+        return None
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    n = len(kernels) // steps
+    tails, tail_ms, short, short_ms, single = [], 0.0, 0, 0.0, 0
+    for i in range(steps):
+        step = kernels[i * n:(i + 1) * n]
+        products = [j for j, e in enumerate(step)
+                    if kind_of(e["name"]) in ("convolution", "matmul")]
+        tail = step[products[-1] + 1:] if products else []
+        tails.append(len(tail))
+        tail_ms += sum(e["dur"] for e in tail)
+        for e in step:
+            if e["dur"] < SHORT_US:
+                short += 1
+                short_ms += e["dur"]
+            details = e.get("args", {}).get("kernel_details", "")
+            single += bool(_SINGLE_BLOCK.search(details))
+    return {"kernels_per_step": n,
+            f"kernels_under_{SHORT_US:g}us_per_step": round(short / steps, 1),
+            f"kernels_under_{SHORT_US:g}us_ms_per_step": round(short_ms / steps / 1e3, 3),
+            "single_block_kernels_per_step": round(single / steps, 1),
+            "update_tail_kernels_per_step": round(sum(tails) / steps, 1),
+            "update_tail_busy_ms_per_step": round(tail_ms / steps / 1e3, 3)}
 
 
 def summarize(events: list[dict], steps: int = 0, top: int = 10,
@@ -173,7 +210,8 @@ def summarize(events: list[dict], steps: int = 0, top: int = 10,
         own = [e for e in spans if e["pid"] == pid]
         own_threads = {tid: t for (p, tid), t in threads.items() if p == pid}
         if own:
-            res["devices"][name] = device_summary(own, own_threads, window, top, hlo_names)
+            res["devices"][name] = device_summary(own, own_threads, window, top, hlo_names,
+                                                  steps)
     if steps:
         res["window_ms_per_step"] = round(window / 1e3 / steps, 3)
         for dev in res["devices"].values():

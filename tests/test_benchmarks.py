@@ -227,6 +227,26 @@ def test_trace_summary_finds_idle_gaps_and_kernel_kinds(tmp_path):
     assert gpu["time_by_layer_kind"]["bn"]["ms"] == 0.1
 
 
+def test_trace_summary_step_structure_and_update_tail():
+    ts = _load("trace_summary")
+
+    def kernel(name, dur, grid="64,1,1"):
+        return {"name": name, "dur": dur, "args": {"kernel_details": f"grid:{grid} block:128"}}
+
+    # One step: a convolution, a matrix product, then the update: two tiny single-block kernels
+    # and one larger one.
+    step = [kernel("sm90_xmma_wgrad_implicit_gemm", 300), kernel("nvjet_sm90_tst", 100),
+            kernel("loop_add_fusion_1", 5, "1,1,1"), kernel("loop_add_fusion_2", 4, "1,1,1"),
+            kernel("loop_multiply_fusion_3", 50)]
+    events = [dict(e, ts=i * 1000 + j * 10) for i in range(3) for j, e in enumerate(step)]
+    got = ts.step_structure(events, 3)
+    assert got == {"kernels_per_step": 5, "kernels_under_20us_per_step": 2.0,
+                   "kernels_under_20us_ms_per_step": 0.009,
+                   "single_block_kernels_per_step": 2.0, "update_tail_kernels_per_step": 3.0,
+                   "update_tail_busy_ms_per_step": 0.059}
+    assert ts.step_structure(events[:-1], 3) is None  # not the same program every step
+
+
 def test_gpu_suite_refuses_jax_and_cuda_wheels(tmp_path):
     """The suite installs only what the GPU image lacks: never jax, jaxlib, CUDA or torch."""
     wheels = tmp_path / "wheels"
