@@ -56,6 +56,19 @@ class _IteratorSnapshot:
         return json.dumps(self._state, indent=1).encode()
 
 
+def _save_each_array_from_one_replica() -> None:
+    """Makes orbax save a replicated array from one device instead of splitting it among its
+    replicas ("replica-parallel" saving, on by default unless JAX_PLATFORMS names a GPU).
+
+    Splitting compiles a slicing program for every (array shape, device) pair at the first save,
+    while the training loop waits: on 4 devices, a first save of 120 array shapes blocked for
+    16 s instead of 0.3 s. A train state of about a gigabyte gains nothing from several writers.
+    Orbax keeps one handler per type for the whole process, so this applies process-wide.
+    """
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def _manager(path: epath.Path, items: tuple, keep: int) -> ocp.CheckpointManager:
     # Two managers may save the same step at once; distinct barrier names keep their
     # multi-process barriers from colliding.
@@ -78,6 +91,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int):
         check_keep(keep)
+        _save_each_array_from_one_replica()
         self.root = epath.Path(os.path.abspath(workdir))
         self._latest = _manager(self.root / paths.CHECKPOINTS_DIR, _TRAIN_ITEMS, keep)
         self._best = _manager(self.root / paths.BEST_DIR, _BEST_ITEMS, 1)

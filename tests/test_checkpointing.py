@@ -77,3 +77,32 @@ def test_missing_best_is_an_error_listing_what_exists_never_the_latest_step(tmp_
 def test_keeping_no_checkpoint_is_rejected(tmp_path, keep):
     with pytest.raises(ValueError, match=f"keep_checkpoints={keep}: keep at least 1"):
         checkpointing.Checkpoints(str(tmp_path), keep=keep)
+
+
+def test_replicated_state_is_saved_from_one_replica_without_compiling(tmp_path, caplog):
+    """A state replicated on the 4 devices, as the training loop saves it: orbax must not split
+    each array among the replicas, which compiles a slicing program per shape and device while
+    training waits."""
+    import logging
+
+    import jax
+
+    from jaxmm import parallel
+
+    # Shapes that split evenly over 4 replicas (orbax splits nothing else).
+    state = {"step": np.int32(3), "params": {"w": np.full((8, 4), 2.0, np.float32),
+                                             "b": np.full(16, 2.0, np.float32)}}
+    ckpts = checkpointing.Checkpoints(str(tmp_path), keep=1)
+    view = parallel.replicated_view(parallel.replicate(state))
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            ckpts.save(3, view, {"next_index": 3}, {"epoch": 1})
+            ckpts.close()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    slices = [r.getMessage() for r in caplog.records if "jit(slice)" in r.getMessage()]
+    assert not slices, slices[:3]
+    template = jax.tree.map(np.zeros_like, state)
+    restored, _ = checkpointing.Checkpoints(str(tmp_path), 1).restore(template, _iterator())
+    np.testing.assert_array_equal(restored["params"]["w"], 2.0)
