@@ -61,8 +61,9 @@ def _save_each_array_from_one_replica() -> None:
     replicas ("replica-parallel" saving, on by default unless JAX_PLATFORMS names a GPU).
 
     Splitting compiles a slicing program for every (array shape, device) pair at the first save,
-    while the training loop waits: on 4 devices, a first save of 120 array shapes blocked for
-    16 s instead of 0.3 s. A train state of about a gigabyte gains nothing from several writers.
+    while the training loop waits: on 4 devices the first save of the full-size train state
+    blocked for 19-22 s instead of 7-10 s (docs/benchmarks.md). A train state of about a
+    gigabyte gains nothing from several writers.
     Orbax keeps one handler per type for the whole process, so this applies process-wide.
     """
     ocp.type_handlers.register_type_handler(
