@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # rbg keys compile several times faster than threefry on CPU; the code under test takes whatever
 # key implementation JAX is configured with. Subprocesses inherit the setting.
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
-# One persistent compilation cache for the whole session, in-process and in every subprocess
+# One persistent compilation cache for the whole test run, in-process and in every subprocess
 # (training runs, Slurm jobs): the many tiny runs compile the same programs, and every program is
 # cached, however short its compile (orbax's per-shape save programs add up to ~10 s a run).
 # Tests of where jaxmm itself puts its cache run without it (``without_shared_cache``).
