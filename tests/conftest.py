@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 # One persistent compilation cache for the whole test run, in-process and in every subprocess
 # (training runs, Slurm jobs): the many tiny runs compile the same programs, and every program is
-# cached, however short its compile (orbax's per-shape save programs add up to ~10 s a run).
+# cached, however short its compile (a tiny run's many small programs add up to seconds).
 # Tests of where jaxmm itself puts its cache run without it (``without_shared_cache``).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxmm_tests_jax_cache_")

@@ -17,20 +17,6 @@ class _Killed(Exception):
     """Stands in for kill -9 at a chosen point of the loop."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Each run builds its step functions anew; a persistent cache compiles them once."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for key, value in saved.items():
-        jax.config.update(key, value)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from jaxmm.data import prepared
