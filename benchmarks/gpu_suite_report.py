@@ -89,12 +89,12 @@ def throughput(out: str) -> dict:
 def demo_checks(work: str, name: str, cpu_accuracy: float) -> dict | None:
     """Status, finite losses and test accuracy (vs the CPU number) of one demo run."""
     workdir = os.path.join(work, name)
-    summary = _load(paths.in_workdir(workdir, paths.SUMMARY_FILE))
+    summary = _load(os.path.join(workdir, paths.SUMMARY_FILE))
     if summary is None:
         return None
     losses = []
     try:
-        with open(paths.in_workdir(workdir, paths.METRICS_FILE), encoding="utf-8") as f:
+        with open(os.path.join(workdir, paths.METRICS_FILE), encoding="utf-8") as f:
             losses = [json.loads(line).get("loss") for line in f if line.strip()]
     except OSError:
         pass

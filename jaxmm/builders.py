@@ -13,16 +13,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps, warm_start
-from jaxmm.data import builder, pipeline, prepared
+from jaxmm import checkpointing, losses, metrics, models, optim, parallel, paths, steps, warm_start
+from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
-
-# Validation metrics that may pick the best checkpoint; lower is better for the losses.
-EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1",
-                          "macro_precision", "macro_recall", "loss", "ce")
-LOWER_IS_BETTER = ("loss", "ce")
-
+from jaxmm.trained_model import Preprocessing
 
 # Config keys that must be whole numbers >= 1 (or >= 0), checked before anything runs.
 POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs", "checkpoint_every_steps",
@@ -61,9 +56,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.resume_step, int) or config.resume_step < -1:
         raise ConfigError(f"config.resume_step={config.resume_step!r}: a kept step, or -1 for "
                          f"the newest readable one")
-    if config.early_stopping_metric not in EARLY_STOPPING_METRICS:
+    if config.early_stopping_metric not in metrics.EARLY_STOPPING_METRICS:
         raise ConfigError(f"config.early_stopping_metric={config.early_stopping_metric!r}; "
-                          f"choose one of {', '.join(EARLY_STOPPING_METRICS)}")
+                          f"choose one of {', '.join(metrics.EARLY_STOPPING_METRICS)}")
     accumulate = config.get("accumulate_steps", 1)
     per_device = config.batch_size // jax.device_count()
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1 \
@@ -95,41 +90,29 @@ class Data:
 def prepared_data(config: ml_collections.ConfigDict) -> Data:
     """Prepares the configured dataset once (every process may call it) and opens it."""
     dataset_dir = prepared.ensure_prepared(config)
-    return Data(dataset_dir, pipeline.dataset_meta(dataset_dir),
+    return Data(dataset_dir, prepared.dataset_meta(dataset_dir),
                 pipeline.load_splits(dataset_dir))
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, dataset_dir: str, workdir: str = ""):
+def load_tokenizer(config: ml_collections.ConfigDict, dataset_dir: str, wd=None):
     """The run's tokenizer: the workdir's copy when the run has one (a resume), else the
     configured tokenizer or the WordPiece one trained on the dataset's Train texts."""
-    kept = paths.in_workdir(workdir, paths.TOKENIZER_DIR) if workdir else ""
-    if kept and os.path.isdir(kept):
-        return tokenizer_lib.load_tokenizer(kept)
+    if wd is not None and os.path.isdir(wd.file(paths.TOKENIZER_DIR)):
+        return wd.tokenizer()
     return tokenizer_lib.get_tokenizer(config, dataset_dir)
 
 
-def keep_tokenizer(tokenizer, workdir: str) -> None:
-    """Copies the tokenizer into the workdir once, so the run owns the token ids it trained
-    with (a re-prepared dataset may train another)."""
-    kept = paths.in_workdir(workdir, paths.TOKENIZER_DIR)
-    if not os.path.isdir(kept):
-        tmp = f"{kept}.tmp{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, kept)
-
-
-def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> dict:
-    """How a raw image and its text become model input, as recorded in the run record.
-
-    Raw files get what prepare did to the training records (resize to the stored size,
-    re-encode), then the evaluation centre crop of ``image_size``.
-    """
-    options, encoding = meta["options"], builder.EncodeOptions()  # prepare's quality, limit
-    return {"stored_image_size": options.get("stored_image_size", options.get("image_size")),
-            "image_format": options.get("image_format", "jpeg"),
-            "jpeg_quality": encoding.quality, "max_pixels": encoding.max_pixels,
-            "text_source": options.get("text_source", config.text_source),
-            "image_size": config.image_size, "max_text_length": config.max_text_length}
+def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> Preprocessing:
+    """How a raw image and its text become model input, as training sees them: what prepare
+    did to the training records (its options in ``meta``), then the evaluation centre crop of
+    ``image_size`` and the tokenizer's ``max_text_length``."""
+    options, encoding = meta["options"], transforms.EncodeOptions()
+    return Preprocessing(
+        stored_size=int(options["stored_image_size"]), crop_size=config.image_size,
+        max_text_length=config.max_text_length,
+        text_source=options.get("text_source", config.text_source),
+        stored_format=options.get("image_format", encoding.fmt),
+        jpeg_quality=encoding.quality, max_pixels=encoding.max_pixels)
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int, vocab_size: int,
@@ -178,7 +161,8 @@ def init_variables(config: ml_collections.ConfigDict, model, log=print,
     if config.get("init_from"):
         template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                                 abstract_variables(config, model))
-        variables, step = warm_start.load(config.init_from, config, class_names, template)
+        variables, step = warm_start.load(config.init_from, model, config, class_names,
+                                          template)
         log(f"warm start: weights and BatchNorm statistics of {config.init_from} (step {step});"
             " fresh optimizer from step 0")
         return variables

@@ -1,36 +1,45 @@
-"""An export bundle: a trained model in one folder that runs without jaxmm's model code.
+"""The export bundle: a trained model in one folder, runnable without jaxmm (format 2).
 
-    clf = jaxmm.Classifier.load("bundle")
-    labels, probs = clf.predict(["photo.jpg"], ["plastic bottle"])
+A bundle (``python -m jaxmm.export``) holds, under the names in ``jaxmm.paths``:
 
-A bundle (written by ``python -m jaxmm.export``) holds, under the names in ``jaxmm.paths``:
-``model.json`` (format version, architecture, class names, preprocessing, calibration, package
-versions and the shape of every weight), ``weights.safetensors``, the tokenizer files and a
-serialized ``jax.export`` function (StableHLO lowered for CPU and CUDA, symbolic batch size) that
-maps (variables, uint8 images, token ids, attention mask) to logits.
+- ``model.json``: the format, the model's ``ModelSpec`` (``"model"``: classes, architecture,
+  machine-exact preprocessing, calibration), the inputs and outputs of the exported function,
+  the name, shape and dtype of every weight, the tokenizer's settings, a SHA-256 digest of every
+  content file, the model id, package versions and where the weights came from. Every field is
+  described in docs/bundle.md; ``examples/predict_standalone.py`` is a client built from it alone.
+- ``weights.safetensors``: params and batch statistics, "/"-joined names (no pickle).
+- ``tokenizer/``: the run's tokenizer (``tokenizer.json`` is what a client needs).
+- ``predict.jaxexport``: a serialized ``jax.export`` function (StableHLO lowered for CPU and
+  CUDA, symbolic batch size) mapping (variables, uint8 images, token ids, mask) to logits.
 
-The default engine runs that function: loading a bundle imports jax, numpy, PIL, safetensors and
-tokenizers, but neither flax nor transformers nor any training package. The "model" engine
-rebuilds the flax model from ``model.json`` instead (it needs jaxmm's model code). Images are
-preprocessed exactly like evaluation: prepare's decode + RGB + shorter-side resize + re-encode at
-the stored size, then the evaluation centre crop.
+Files a user adds (a model card, notes) are not part of the digests and survive a re-export.
+Reading checks every field and every digest and fails with one line naming the file and key.
+Importing this module is cheap (no jax, flax or transformers); writing imports them.
 """
 
+import datetime
+import hashlib
+import importlib.metadata
+import json
 import os
+import shutil
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
-from jaxmm import paths
-from jaxmm.data import captions, transforms
+from jaxmm import files, paths
 from jaxmm.errors import BundleError, ConfigError
+from jaxmm.trained_model import ModelSpec, Preprocessing, TrainedModel
 
 FORMAT = "jaxmm-bundle"
-FORMAT_VERSION = 1
-ENGINES = ("exported", "model")
-_SPEC_KEYS = ("class_names", "architecture", "preprocessing", "weights", "function")
+FORMAT_VERSION = 2
+PLATFORMS = ("cpu", "cuda")
+PACKAGES = ("jax", "jaxlib", "flax", "numpy", "pillow", "safetensors", "tokenizers",
+            "transformers", "flatbuffers")
+ARGUMENTS = ("variables", "image", "input_ids", "attention_mask")
+# The files of a bundle that jaxmm writes; a re-export replaces these and nothing else.
+OWN_FILES = (paths.BUNDLE_SPEC_FILE, paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
+             paths.TOKENIZER_DIR)
 
 
 def _reason(error: BaseException) -> str:
@@ -49,37 +58,130 @@ def bundle_file(bundle_dir: str, name: str) -> str:
     return path
 
 
-def read_spec(bundle_dir: str) -> dict:
-    """The bundle's ``model.json``, checked for its format and version.
+# --- Digests -------------------------------------------------------------------------------------
+
+def file_digest(path: str) -> str:
+    """"sha256:<hex>" of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def json_digest(obj) -> str:
+    """"sha256:<hex>" of the canonical JSON of ``obj`` (sorted keys, no spaces, UTF-8)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def content_files(bundle_dir: str) -> list[str]:
+    """The digested files of a bundle, relative and sorted (weights, function, tokenizer)."""
+    out = [paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE]
+    tok = os.path.join(bundle_dir, paths.TOKENIZER_DIR)
+    for root, _, names in os.walk(tok):
+        out += [os.path.relpath(os.path.join(root, n), bundle_dir).replace(os.sep, "/")
+                for n in names]
+    return sorted(out)
+
+
+def model_id(digests: Mapping) -> str:
+    """The model's id: a digest of every content digest (weights, function, tokenizer, spec)."""
+    return "jaxmm-" + json_digest(dict(digests)).split(":")[1][:16]
+
+
+def verify_digests(bundle_dir: str, record: dict) -> None:
+    """Recomputes every digest of model.json.
 
     Raises:
-      BundleError: no bundle folder, unreadable JSON, not a bundle, or a newer format version.
+      BundleError: a file changed, is missing, or a file of the bundle is not recorded.
+    """
+    recorded = record["digests"]
+    where = os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE)
+    found = content_files(bundle_dir)
+    for name in sorted(set(found) - set(recorded) - {"model"}):
+        raise BundleError(f"{os.path.join(bundle_dir, name)}: not one of the files {where} "
+                          "records; the tokenizer was changed after export")
+    for name, digest in sorted(recorded.items()):
+        path = os.path.join(bundle_dir, name)
+        actual = (json_digest(record["model"]) if name == "model"
+                  else file_digest(bundle_file(bundle_dir, name)))
+        if actual != digest:
+            what = f"{where}: its \"model\" entry" if name == "model" else path
+            raise BundleError(f"{what} changed after export (its SHA-256 is not the one "
+                              f"recorded in {paths.BUNDLE_SPEC_FILE}); export the bundle again")
+
+
+# --- Reading -------------------------------------------------------------------------------------
+
+def read_record(bundle_dir: str, verify: bool = True) -> dict:
+    """The bundle's ``model.json`` in the current format, every field checked.
+
+    Args:
+      bundle_dir: the bundle folder.
+      verify: recompute the content digests (a format-1 bundle has none).
+
+    Raises:
+      BundleError: one line naming the file and the key.
     """
     if not os.path.isdir(bundle_dir):
         raise BundleError(f"{bundle_dir}: no such bundle folder")
     path = bundle_file(bundle_dir, paths.BUNDLE_SPEC_FILE)
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+            record = json.load(f)
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: not readable as JSON ({_reason(e)})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise BundleError(f'{path}: not a jaxmm bundle description (no "format": "{FORMAT}")')
-    version = spec.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    version = record.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise BundleError(f"{path}: format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version} is newer than this jaxmm "
                           f"reads ({FORMAT_VERSION}); upgrade jaxmm")
-    missing = [k for k in _SPEC_KEYS if k not in spec]
-    if missing:
-        raise BundleError(f"{path}: missing fields {missing}")
-    return spec
+    if version == 1:
+        from jaxmm import legacy
+
+        record = legacy.upgrade_bundle(record, path)
+    try:
+        check_record(record, path)
+        ModelSpec.from_json(record["model"], path)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    if verify and record.get("digests") is not None:
+        verify_digests(bundle_dir, record)
+    return record
 
 
-# --- Weights: nested variables <-> flat "params/image/conv1/kernel" tensors ------------------
+def _need(record: dict, key: str, kind, path: str):
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"{path}: {key} is missing")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def check_record(record: dict, path: str) -> None:
+    """Checks the fields of model.json besides the spec (ValueError naming the key)."""
+    for key in ("model", "weights", "function", "tokenizer"):
+        _need(record, key, dict, path)
+    tensors = _need(record, "weights.tensors", dict, path)
+    for name, t in tensors.items():
+        if (not isinstance(t, dict) or not isinstance(t.get("shape"), list)
+                or not all(isinstance(d, int) and d >= 0 for d in t["shape"])
+                or t.get("dtype") not in ("float32", "float16", "bfloat16", "int32")):
+            raise ValueError(f"{path}: weights.tensors.{name} needs a shape (whole numbers) "
+                             f"and a dtype, got {t!r}")
+    _need(record, "function.file", str, path)
+    _need(record, "tokenizer.pad_id", int, path)
+    _need(record, "tokenizer.pad_token", str, path)
+    if record.get("digests") is not None:
+        _need(record, "digests", dict, path)
+
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:
     """Nested dicts of arrays as one flat dict keyed by "/"-joined names."""
@@ -104,26 +206,18 @@ def unflatten(flat: Mapping) -> dict:
     return tree
 
 
-def check_shapes(got: Mapping, want: Mapping, path: str, against: str) -> None:
-    """Fails with one line when two {name: shape} tables differ.
-
-    Args:
-      got: shapes found in ``path``.
-      want: the shapes ``against`` (e.g. model.json) asks for.
-      path: the file the message names.
-      against: what the shapes come from.
-
-    Raises:
-      BundleError: the first differing tensor, or how many are missing or unexpected.
-    """
-    got = {k: tuple(v) for k, v in got.items()}
-    want = {k: tuple(v) for k, v in want.items()}
+def check_tensors(got: Mapping, want: Mapping, path: str, against: str) -> None:
+    """Fails with one line when two {name: {"shape", "dtype"}} tables differ."""
+    norm = lambda t: (tuple(t["shape"]), t["dtype"])  # noqa: E731
+    got = {k: norm(v) for k, v in got.items()}
+    want = {k: norm(v) for k, v in want.items()}
     if got == want:
         return
     wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if wrong:
-        detail = f"tensor {wrong[0]} has shape {got[wrong[0]]}, {against} needs {want[wrong[0]]}"
+        detail = (f"tensor {wrong[0]} is {got[wrong[0]][1]} {list(got[wrong[0]][0])}, "
+                  f"{against} needs {want[wrong[0]][1]} {list(want[wrong[0]][0])}")
     elif missing:
         detail = f"{len(missing)} tensors are missing, e.g. {missing[0]}"
     else:
@@ -131,8 +225,14 @@ def check_shapes(got: Mapping, want: Mapping, path: str, against: str) -> None:
     raise BundleError(f"{path}: does not fit {against}: {detail}")
 
 
-def read_weights(bundle_dir: str, spec: dict) -> dict:
-    """The model variables of a bundle as NumPy arrays, checked against model.json's shapes."""
+def tensor_table(flat: Mapping) -> dict:
+    """{name: {"shape", "dtype"}} of flat arrays."""
+    return {k: {"shape": list(np.shape(v)), "dtype": np.dtype(v.dtype).name}
+            for k, v in flat.items()}
+
+
+def read_weights(bundle_dir: str, record: dict) -> dict:
+    """The model variables of a bundle as NumPy arrays, checked against model.json."""
     from safetensors.numpy import load_file
 
     path = bundle_file(bundle_dir, paths.BUNDLE_WEIGHTS_FILE)
@@ -140,250 +240,176 @@ def read_weights(bundle_dir: str, spec: dict) -> dict:
         flat = load_file(path)
     except Exception as e:  # noqa: BLE001 -- any parse failure means "not a weights file"
         raise BundleError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
-    check_shapes({k: v.shape for k, v in flat.items()}, spec["weights"]["shapes"], path,
-                 paths.BUNDLE_SPEC_FILE)
+    check_tensors(tensor_table(flat), record["weights"]["tensors"], path,
+                  paths.BUNDLE_SPEC_FILE)
     return unflatten(flat)
 
 
-# --- Inputs: images and texts exactly as evaluation sees them --------------------------------
+def spec_of(record: dict) -> ModelSpec:
+    return ModelSpec.from_json(record["model"], paths.BUNDLE_SPEC_FILE)
 
-class Tokenizer:
-    """The bundle's tokenizer through the ``tokenizers`` library (no transformers import).
 
-    Pads and truncates to a fixed length as ``transforms.TokenizeBatch`` does with the
-    transformers tokenizer saved from the same files.
-    """
+# --- Writing -------------------------------------------------------------------------------------
 
-    def __init__(self, bundle_dir: str, text: dict):
-        from tokenizers import Tokenizer as RustTokenizer
+def package_versions() -> dict:
+    """Versions of jaxmm and of the packages a bundle is written and run with."""
+    from jaxmm import __version__
 
-        path = bundle_file(bundle_dir, os.path.join(paths.TOKENIZER_DIR, "tokenizer.json"))
+    out = {"jaxmm": __version__}
+    for name in PACKAGES:
         try:
-            self._tok = RustTokenizer.from_file(path)
-        except Exception as e:  # noqa: BLE001
-            raise BundleError(f"{path}: not a readable tokenizer ({_reason(e)})") from None
-        length = int(text["max_text_length"])
-        self._tok.enable_truncation(max_length=length)
-        self._tok.enable_padding(length=length, pad_id=int(text["pad_id"]),
-                                 pad_token=text["pad_token"])
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), int32 [n, max_text_length]."""
-        encodings = self._tok.encode_batch([str(t) for t in texts])
-        return (np.array([e.ids for e in encodings], np.int32),
-                np.array([e.attention_mask for e in encodings], np.int32))
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
-def image_view(pre: dict) -> transforms.RawView:
-    """The model's view of raw images, from model.json's preprocessing."""
-    if pre["crop_fraction"] != transforms.EVAL_CROP_FRACTION:
-        raise BundleError(f"{paths.BUNDLE_SPEC_FILE}: crop fraction {pre['crop_fraction']} is "
-                          f"not this jaxmm's ({transforms.EVAL_CROP_FRACTION})")
-    return transforms.RawView(pre["stored_size"], pre["stored_format"], pre["jpeg_quality"],
-                              pre["max_pixels"], pre["crop_size"])
+def export_function(model, variables: dict, pre: Preprocessing, platforms=PLATFORMS) -> bytes:
+    """Serializes (variables, uint8 images, ids, mask) -> float32 logits with jax.export.
 
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Float32 class probabilities of float logits divided by a temperature."""
-    z = np.asarray(logits, np.float64) / temperature
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def default_cache_dir(bundle_dir: str) -> str:
-    """``<bundle>/jax_cache`` when the bundle folder is writable, else a per-user cache folder."""
-    if os.access(bundle_dir, os.W_OK):
-        return os.path.join(bundle_dir, paths.JAX_CACHE_DIR)
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "jaxmm", paths.JAX_CACHE_DIR)
-
-
-def enable_compilation_cache(cache_dir: str) -> str | None:
-    """Turns on JAX's persistent compilation cache in ``cache_dir`` (every compilation cached).
-
-    Call before the first compilation of the process. A cache the user configured already
-    (``JAX_COMPILATION_CACHE_DIR`` or jax.config) is kept. Returns the folder in use, or None.
+    The batch size is symbolic; the weights are arguments (they live in the safetensors file,
+    not twice in the bundle).
     """
     import jax
-
-    current = jax.config.jax_compilation_cache_dir
-    if current or not cache_dir:
-        return current or None
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError:
-        return None  # a read-only place: run without a cache rather than fail
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    # Inference compiles little; caching even the short compilations makes the next start fast.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return cache_dir
-
-
-# --- Running a bundle ----------------------------------------------------------------------------
-
-def exported_logits(bundle_dir: str, spec: dict):
-    """The bundle's deserialized StableHLO function, jitted: (variables, image, ids, mask)."""
-    import jax
+    import jax.numpy as jnp
     from jax import export
 
-    path = bundle_file(bundle_dir, paths.BUNDLE_FUNCTION_FILE)
+    def logits(variables, image, input_ids, attention_mask):
+        return model.apply(variables, image, input_ids, attention_mask, train=False)
+
+    (b,) = export.symbolic_shape("b")
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    length = pre.max_text_length
+    exported = export.export(jax.jit(logits), platforms=tuple(platforms))(
+        jax.tree.map(lambda x: spec(np.shape(x), x.dtype), variables),
+        spec((b, pre.crop_size, pre.crop_size, 3), jnp.uint8),
+        spec((b, length), jnp.int32), spec((b, length), jnp.int32))
+    return bytes(exported.serialize())
+
+
+def _interface(spec: ModelSpec, platforms) -> dict:
+    pre, k = spec.preprocessing, len(spec.class_names)
+    return {
+        "inputs": {
+            "image": {"dtype": "uint8", "shape": ["batch", pre.crop_size, pre.crop_size, 3],
+                      "layout": "NHWC, RGB, 0..255; the function normalises it"},
+            "input_ids": {"dtype": "int32", "shape": ["batch", pre.max_text_length]},
+            "attention_mask": {"dtype": "int32", "shape": ["batch", pre.max_text_length]}},
+        "outputs": {"logits": {"dtype": "float32", "shape": ["batch", k]}},
+        "function": {"file": paths.BUNDLE_FUNCTION_FILE, "platforms": list(platforms),
+                     "batch": "symbolic", "arguments": list(ARGUMENTS), "output": "logits",
+                     "variables": "the weights file's tensors nested by their '/'-separated "
+                                  "names: {'params': ..., 'batch_stats': ...}",
+                     "load": "jax.export.deserialize (needs the flatbuffers package)"},
+    }
+
+
+def _tokenizer_entry(tokenizer, pre: Preprocessing) -> dict:
+    return {"folder": paths.TOKENIZER_DIR, "file": f"{paths.TOKENIZER_DIR}/tokenizer.json",
+            "library": "tokenizers", "truncate_to": pre.max_text_length,
+            "pad_to": pre.max_text_length, "pad_token": tokenizer.pad_token,
+            "pad_id": int(tokenizer.pad_token_id), "vocab_size": len(tokenizer)}
+
+
+def _target_dir(out_dir: str) -> str:
+    """A private folder next to ``out_dir``, which may only be absent, empty or a bundle."""
+    if not out_dir or not str(out_dir).strip():
+        raise ConfigError("--out is empty: give the bundle folder to write")
+    if os.path.islink(out_dir) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise ConfigError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_bundle(out_dir):
+        raise ConfigError(f"{out_dir}: exists, is not empty and is not a jaxmm bundle; choose "
+                          "another --out")
+    tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _is_bundle(folder: str) -> bool:
+    record = files.read_json(os.path.join(folder, paths.BUNDLE_SPEC_FILE))
+    return isinstance(record, dict) and record.get("format") == FORMAT
+
+
+def _move_into(tmp: str, out_dir: str) -> None:
+    """Replaces the bundle's own files in ``out_dir`` by those in ``tmp``; model.json goes
+    first out and last in, so a reader never takes a half-replaced folder for a bundle."""
+    if not os.path.isdir(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    for name in OWN_FILES + (paths.JAX_CACHE_DIR,):
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == paths.BUNDLE_SPEC_FILE):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
+                 platforms=PLATFORMS) -> dict:
+    """Writes a bundle folder (into a private folder first, then moved into place).
+
+    Args:
+      out_dir: the bundle folder to create, or an existing bundle to replace.
+      trained: the model (built without a pmap axis), its variables, tokenizer and spec.
+      source: provenance (checkpoint, step, the run's config and data record).
+      platforms: platforms the function is lowered for.
+
+    Returns:
+      The model.json record.
+    """
+    from safetensors.numpy import save_file
+
+    spec, pre = trained.spec, trained.preprocessing
+    tmp = _target_dir(out_dir)
     try:
-        with open(path, "rb") as f:
-            function = export.deserialize(bytearray(f.read()))
-    except Exception as e:  # noqa: BLE001 -- a corrupt or foreign file
-        raise BundleError(f"{path}: not a serialized jax.export function ({_reason(e)})") from None
-    (variables, *_), _ = jax.tree_util.tree_unflatten(function.in_tree, function.in_avals)
-    check_shapes({k: a.shape for k, a in flatten(variables).items()},
-                 spec["weights"]["shapes"], path, paths.BUNDLE_SPEC_FILE)
-    return jax.jit(function.call)
+        variables = {"params": trained.variables["params"],
+                     "batch_stats": trained.variables.get("batch_stats") or {}}
+        flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(variables).items()}
+        weights = os.path.join(tmp, paths.BUNDLE_WEIGHTS_FILE)
+        save_file(flat, weights, metadata={"format": FORMAT})
+        os.chmod(weights, 0o644)  # safetensors writes it private; a bundle is meant to be shared
+        trained.tokenizer.save_pretrained(os.path.join(tmp, paths.TOKENIZER_DIR))
+        with open(os.path.join(tmp, paths.BUNDLE_FUNCTION_FILE), "wb") as f:
+            f.write(export_function(trained.model, variables, pre, platforms))
+        model = spec.to_json()
+        digests = {name: file_digest(os.path.join(tmp, name)) for name in content_files(tmp)}
+        digests["model"] = json_digest(model)
+        record = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "model_id": model_id(digests), "model": model, **_interface(spec, platforms),
+            "weights": {"file": paths.BUNDLE_WEIGHTS_FILE, "count": len(flat),
+                        "values": int(sum(v.size for v in flat.values())),
+                        "tensors": tensor_table(flat)},
+            "tokenizer": _tokenizer_entry(trained.tokenizer, pre), "digests": digests,
+            "versions": package_versions(), "source": source, "extensions": {},
+        }
+        files.write_json(os.path.join(tmp, paths.BUNDLE_SPEC_FILE), record)
+        _move_into(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
 
 
-def build_model(architecture: dict, num_classes: int):
-    """The flax model ``model.json``'s architecture describes (inference only: no pmap axis)."""
-    import jax.numpy as jnp
-    from transformers import DistilBertConfig
+def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=PLATFORMS,
+               calibrated: bool = True) -> dict:
+    """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``).
 
-    from jaxmm.models.fusion import MultimodalClassifier
+    Needs only the workdir (its record, tokenizer copy, calibration and checkpoint).
 
-    fields = dict(architecture)
-    text = fields.pop("text_config")
-    return MultimodalClassifier(
-        num_classes=num_classes, modalities=tuple(fields.pop("modalities")),
-        dtype=jnp.dtype(fields.pop("dtype")), axis_name=None,
-        text_config=DistilBertConfig.from_dict(text) if text else None, **fields)
+    Returns:
+      The model.json record.
+    """
+    from jaxmm.workdir import Workdir
 
-
-def model_logits(bundle_dir: str, spec: dict):
-    """The flax model rebuilt from model.json, jitted: (variables, image, ids, mask)."""
-    import functools
-
-    import jax
-
-    from jaxmm import models
-
-    model = build_model(spec["architecture"], len(spec["class_names"]))
-    pre = spec["preprocessing"]
-    expected = jax.eval_shape(lambda: models.init_variables(
-        model, jax.random.PRNGKey(0), pre["crop_size"], pre["text"]["max_text_length"]))
-    check_shapes({k: a.shape for k, a in flatten(expected).items()}, spec["weights"]["shapes"],
-                 os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE), "its architecture")
-    return jax.jit(functools.partial(model.apply, train=False))
-
-
-class Predictions(NamedTuple):
-    """What ``Classifier.predict`` returns: one label and one probability row per image."""
-
-    labels: list
-    probs: np.ndarray  # float32 [n, num_classes], in the order of Classifier.class_names
-
-
-class Classifier:
-    """A bundle ready to classify images (+ texts) on the default JAX device."""
-
-    def __init__(self, bundle_dir: str, spec: dict, logits_fn, variables: dict,
-                 batch_size: int, temperature: float):
-        import jax
-
-        pre = spec["preprocessing"]
-        self.bundle_dir, self.spec, self.batch_size = bundle_dir, spec, batch_size
-        self.class_names = list(spec["class_names"])
-        self.temperature = temperature
-        self.view = image_view(pre)
-        self.tokenize = Tokenizer(bundle_dir, pre["text"])
-        self._logits = logits_fn
-        self._variables = jax.device_put(variables)
-
-    @classmethod
-    def load(cls, bundle_dir: str, *, engine: str = "exported", batch_size: int = 16,
-             calibrated: bool = True, cache_dir: str | None = None) -> "Classifier":
-        """Loads a bundle written by ``python -m jaxmm.export``.
-
-        Args:
-          bundle_dir: the bundle folder.
-          engine: "exported" (the serialized StableHLO function) or "model" (the flax model
-            rebuilt from model.json; needs jaxmm's model code).
-          batch_size: most images per forward pass; smaller calls are padded to a power of two.
-          calibrated: divide the logits by the bundle's fitted temperature, if it has one.
-          cache_dir: persistent compilation cache; None = ``default_cache_dir``, "" = off.
-
-        Raises:
-          BundleError: one line naming the missing, unreadable or mismatched file.
-        """
-        if engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-        spec = read_spec(bundle_dir)
-        enable_compilation_cache(default_cache_dir(bundle_dir) if cache_dir is None
-                                 else cache_dir)
-        try:
-            variables = read_weights(bundle_dir, spec)
-            fn = (exported_logits if engine == "exported" else model_logits)(bundle_dir, spec)
-            temperature = float((spec.get("calibration") or {}).get("temperature", 1.0))
-            return cls(bundle_dir, spec, fn, variables, batch_size,
-                       temperature if calibrated else 1.0)
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"{os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE)}: missing or "
-                              f"malformed field {_reason(e)}") from None
-
-    def texts_for(self, images: list, texts) -> list[str]:
-        """Per-image texts: given, one for all, or the file-name rule ('' for in-memory images)."""
-        if isinstance(texts, str):
-            return [texts] * len(images)
-        if texts is None:
-            return [captions.text_from_filename(os.fspath(i))
-                    if isinstance(i, (str, os.PathLike)) else "" for i in images]
-        texts = list(texts)
-        if len(texts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        return texts
-
-    def predict(self, images, texts=None) -> Predictions:
-        """Classifies images (paths, PIL images or uint8 arrays) with their texts.
-
-        Args:
-          images: a list of images (or one image).
-          texts: a list of strings, one string for every image, or None for the file-name rule.
-
-        Raises:
-          ValueError: naming the first image that cannot be read.
-        """
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-            images = [images]
-        images, texts = list(images), self.texts_for(list(images), texts)
-        crops = []
-        for i, image in enumerate(images):
-            try:
-                crops.append(self.view(image))
-            except ValueError as e:
-                name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
-                raise ValueError(f"image {name}: {e}") from None
-        probs = self.probabilities(crops, texts)
-        return Predictions([self.class_names[k] for k in probs.argmax(-1)], probs)
-
-    def read(self, path: str, text: str) -> dict:
-        """The model's view of one file (``classify.predict_files`` calls it).
-
-        Raises ValueError (one line) when it cannot be read."""
-        return {"image": self.view(path), "text": text}
-
-    def __call__(self, examples: list[dict]) -> np.ndarray:
-        """Class probabilities [n, K] of ``read`` results."""
-        return self.probabilities([e["image"] for e in examples], [e["text"] for e in examples])
-
-    def probabilities(self, crops: list[np.ndarray], texts: list[str]) -> np.ndarray:
-        """Class probabilities [n, K] of preprocessed crops; one compilation per padded size."""
-        out = []
-        for start in range(0, len(crops), self.batch_size):
-            image = np.stack(crops[start:start + self.batch_size])
-            ids, mask = self.tokenize(texts[start:start + self.batch_size])
-            n = len(image)
-            size = min(self.batch_size, 1 << (n - 1).bit_length())
-            image, ids, mask = (_pad(x, size) for x in (image, ids, mask))
-            logits = self._logits(self._variables, image, ids, mask)
-            out.append(softmax(np.asarray(logits)[:n], self.temperature))
-        width = len(self.class_names)
-        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    # Repeats the first row: a few batch sizes, each compiled (and cached) once.
-    return np.concatenate([x, np.repeat(x[:1], size - len(x), 0)])
+    wd = Workdir(workdir)
+    trained = wd.load_model(checkpoint, calibrated=calibrated)
+    record = wd.read_record()
+    source = {"checkpoint": str(checkpoint), "step": int(trained.step),
+              "config": record["config"], "data": record.get("data")}
+    return write_bundle(out_dir, trained, source, platforms)

@@ -9,16 +9,13 @@ Typical use::
 
     temperature = fit_temperature(val_logits, val_labels)
     record = calibration_record(val_logits, val_labels, temperature)
-    save_calibration(path, record)
-    probs = softmax(test_logits, load_calibration(path))
+    Workdir(path).write_calibration(record)
+    probs = softmax(test_logits, Workdir(path).temperature())
 """
 
 import math
-import os
 
 import numpy as np
-
-from jaxmm import files, paths
 
 NUM_BINS = 15  # equal-width confidence bins of the expected calibration error
 # Search range of the fitted temperature (on a log scale).
@@ -149,31 +146,26 @@ def calibration_record(logits, labels, temperature: float, split: str = "validat
     }
 
 
-def save_calibration(path: str, record: dict) -> str:
-    """Writes a ``calibration_record`` atomically to ``path``."""
-    return files.write_json(path, record)
+def fit_on_split(evaluator, variables, step: int) -> dict:
+    """Fits the temperature on a split's predictions (every process must call it: the split
+    is evaluated on all devices and processes).
 
+    Args:
+      evaluator: a ``scoring.SplitEvaluator`` of the validation split.
+      variables: the replicated variables to calibrate.
+      step: the checkpoint step of the variables.
 
-def load_calibration(path: str) -> float | None:
-    """The temperature saved in ``path``; None when the file does not exist.
-
-    Raises:
-      ValueError: naming the file, when it is unreadable or its 'temperature' is not a
-        positive finite number.
+    Returns:
+      The ``calibration_record`` (with the checkpoint step), for ``calibration.json``.
     """
-    if not os.path.exists(path):
-        return None
-    record = files.read_json(path)
-    value = record.get("temperature") if isinstance(record, dict) else None
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{path}: 'temperature' must be a positive number, got {value!r}")
-    return float(value)
-
-
-def workdir_temperature(workdir: str) -> float | None:
-    """The temperature of a training workdir's ``calibration.json``; None without one."""
-    return load_calibration(paths.in_workdir(workdir, paths.CALIBRATION_FILE))
+    _, predictions = evaluator(variables, collect=True)
+    labels = evaluator.labels(predictions["index"])
+    # Log-probabilities are the logits up to a per-row shift, which softmax ignores.
+    logits = log_probs_as_logits(predictions["probs"])
+    record = calibration_record(logits, labels, fit_temperature(logits, labels),
+                                evaluator.split)
+    record["checkpoint_step"] = int(step)
+    return record
 
 
 def reliability_diagram(probs, labels, path: str, title: str = "",

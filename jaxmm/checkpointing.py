@@ -25,7 +25,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from grain import checkpoint as grain_checkpoint
 
 from jaxmm import digests, paths
 from jaxmm.errors import ConfigError, UserError, WorkdirError
@@ -116,11 +115,20 @@ class Checkpoints:
         """
         if self._latest.latest_step() == step:
             return
+        from grain import checkpoint as grain_checkpoint  # training only: inference never saves
+
         self._latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=grain_checkpoint.CheckpointSave(_IteratorSnapshot(iterator_state)),
             progress=ocp.args.JsonSave(progress),
             digest=ocp.args.JsonSave(digests.tree_digest(state))))
+
+    def should_save(self, step: int, *, every: int, epoch_end: bool, stopping: bool) -> bool:
+        """The save policy: every ``every`` steps, at every epoch end and when the run stops
+        (a stop signal, early stopping, the last step); never twice for one step."""
+        if self._latest.latest_step() == step:
+            return False
+        return stopping or epoch_end or step % every == 0
 
     def save_best(self, step: int, variables: dict, progress: dict) -> None:
         """Saves the inference variables {params, batch_stats} of a new best model.
@@ -190,6 +198,8 @@ class Checkpoints:
                               f"{start_over}")
 
     def _restore_step(self, step: int, state_template: dict, data_iter) -> tuple[dict, dict]:
+        from grain import checkpoint as grain_checkpoint
+
         step_dir = self.root / paths.CHECKPOINTS_DIR / str(step)
         has_digest = (step_dir / _DIGEST).exists()
         items = dict(state=ocp.args.StandardRestore(_to_numpy(state_template)),

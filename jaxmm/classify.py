@@ -10,23 +10,14 @@ Importing this module is cheap (no jax, orbax, grain or TFDS): the bundle path u
 
 import functools
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxmm import calibration
 from jaxmm.data import captions, transforms
 from jaxmm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from jaxmm import restore
-
-
-def prediction_row(probs, class_names: list, **fields) -> dict:
-    """One prediction as a report row: ``fields``, predicted class, confidence, p_<class>."""
-    k = int(np.argmax(probs))
-    return {**fields, "predicted": class_names[k], "confidence": float(probs[k]),
-            **{f"p_{c}": float(v) for c, v in zip(class_names, probs, strict=True)}}
+from jaxmm.metrics import prediction_row
+from jaxmm.trained_model import TrainedModel, padded_batches
 
 
 def find_images(paths) -> tuple[list[str], list[str], bool]:
@@ -52,18 +43,19 @@ def find_images(paths) -> tuple[list[str], list[str], bool]:
 
 
 class Predictor:
-    """Classifies raw image files (+ texts) on one device, preprocessed exactly like evaluation:
-    prepare's decode + RGB + resize + re-encode, then the eval centre crop."""
+    """Classifies raw image files (+ texts) with a trained model on one device, preprocessed by
+    its recorded ``Preprocessing`` exactly like evaluation."""
 
-    def __init__(self, run: "restore.Run", batch_size: int = 16, temperature: float = 1.0):
+    def __init__(self, trained: TrainedModel, batch_size: int = 16):
         import jax
 
-        self.run, self.batch_size, self.class_names = run, batch_size, run.class_names
-        self.temperature = temperature
-        self._view = _raw_view(run)
-        self._tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
-        self._apply = jax.jit(functools.partial(run.model.apply, train=False))
-        self._variables = jax.device_put(run.variables)
+        self.trained, self.batch_size, self.spec = trained, batch_size, trained.spec
+        self.class_names = trained.class_names
+        self.temperature = trained.spec.temperature or 1.0
+        self._view = trained.preprocessing.image_view()
+        self._tokenize = trained.tokenize_batch()
+        self._apply = jax.jit(functools.partial(trained.model.apply, train=False))
+        self._variables = jax.device_put(trained.variables)
 
     def read(self, path: str, text: str) -> dict:
         """The eval view of one file. Raises ValueError (one line) when it cannot be read."""
@@ -73,31 +65,18 @@ class Predictor:
         """Class probabilities [n, K] (logits divided by the temperature); batches are padded
         to one shape (one compilation)."""
         out = []
-        for start in range(0, len(examples), self.batch_size):
-            chunk = examples[start:start + self.batch_size]
-            chunk = chunk + [chunk[0]] * (self.batch_size - len(chunk))
-            batch = self._tokenize({"image": np.stack([e["image"] for e in chunk]),
-                                        "text": [e["text"] for e in chunk]})
+        for chunk, padded in padded_batches(examples, self.batch_size):
+            batch = self._tokenize({"image": np.stack([e["image"] for e in padded]),
+                                    "text": [e["text"] for e in padded]})
             logits = self._apply(self._variables, batch["image"], batch["input_ids"],
                                  batch["attention_mask"])
-            out.append(calibration.softmax(np.asarray(logits), self.temperature)[
-                :len(examples) - start])
-        return np.concatenate(out)[:len(examples)] if out else np.zeros((0, 0))
-
-
-def _raw_view(run: "restore.Run") -> transforms.RawView:
-    # What prepare did to the training records (size, format), then the eval centre crop.
-    from jaxmm.data import builder
-
-    pre, default = run.preprocessing, builder.EncodeOptions()
-    return transforms.RawView(pre["stored_image_size"], pre["image_format"],
-                              pre.get("jpeg_quality", default.quality),
-                              pre.get("max_pixels", default.max_pixels), run.config.image_size)
+            out.append(calibration.softmax(np.asarray(logits), self.temperature)[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
 
 
 def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "best",
                    batch_size: int = 16, calibrated: bool = True):
-    """A predictor for ``predict_files``: a bundle's Classifier or a rebuilt run's Predictor.
+    """A predictor for ``predict_files``: a bundle's Classifier or a trained run's Predictor.
 
     Args:
       workdir: a training workdir (None with a bundle).
@@ -108,29 +87,26 @@ def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "be
         ``calibration.json`` or the bundle's), when there is one.
 
     Returns:
-      (predictor, the text source the model was trained on).
+      A predictor; its ``spec`` says what the model was trained on.
     """
     if model:
-        from jaxmm import bundle
+        from jaxmm.classifier import Classifier
 
-        clf = bundle.Classifier.load(model, batch_size=batch_size, calibrated=calibrated)
-        return clf, clf.spec["preprocessing"]["text"]["trained_on"]
-    from jaxmm import restore
+        return Classifier.load(model, batch_size=batch_size, calibrated=calibrated)
+    from jaxmm.workdir import Workdir
 
-    run = restore.load_run(workdir, checkpoint)
-    temperature = calibration.workdir_temperature(workdir) if calibrated else None
-    return Predictor(run, batch_size, temperature or 1.0), run.preprocessing["text_source"]
+    return Predictor(Workdir(workdir).load_model(checkpoint, calibrated=calibrated), batch_size)
 
 
-def text_rule(text: str | None = None, captions_csv: str = "",
-              text_source: str = "filename"):
+def text_rule(text: str | None = None, captions_csv: str = "", spec=None):
     """How a file gets its text: one text for all, its caption, or its file name.
 
     Args:
       text: the text of every file (wins over the rest).
       captions_csv: a captions CSV (``image,description``), joined on (folder, base name); a
         file without a caption gets its file-name text.
-      text_source: what the model was trained on; "both" puts the file-name text first.
+      spec: the model's ``ModelSpec``: its file-name rule, and the text source it was
+        trained on ("both" puts the file-name text first); None = the dataset's rule.
 
     Returns:
       A function from a path to its text.
@@ -140,16 +116,18 @@ def text_rule(text: str | None = None, captions_csv: str = "",
     """
     if text is not None:
         return lambda path: text
+    from_name = spec.preprocessing.text_of if spec else captions.text_from_filename
     if not captions_csv:
-        return captions.text_from_filename
+        return from_name
     if not os.path.isfile(captions_csv):
         raise ConfigError(f"--captions {captions_csv}: no such file")
     try:
         table = captions.load_captions(captions_csv)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"--captions {captions_csv}: {str(e).splitlines()[0]}") from None
-    source = text_source if text_source in ("caption", "both") else "caption"
-    return lambda path: captions.sample_text(path, source, table)[0]
+    source = spec.preprocessing.text_source if spec else "caption"
+    source = source if source in ("caption", "both") else "caption"
+    return lambda path: captions.sample_text(path, source, table, from_name)[0]
 
 
 def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], list[str]]:
@@ -194,5 +172,5 @@ def explain_files(predictor: Predictor, rows: list[dict], out_dir: str) -> list[
 
     examples = [{**predictor.read(r["file"], r["text"]), "name": r["file"], "label": -1}
                 for r in rows]
-    return explain.write_explanations(predictor.run, examples, out_dir, predictor.temperature,
-                                      predictor.batch_size)
+    return explain.write_explanations(predictor.trained, examples, out_dir,
+                                      predictor.temperature, predictor.batch_size)

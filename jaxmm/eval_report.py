@@ -14,8 +14,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmm import calibration, explain, files, parallel, paths, restore, scoring, train_log
-from jaxmm.data import dedup, transforms
+from jaxmm import calibration, explain, files, parallel, paths, scoring, train_log
+from jaxmm.data import dedup, pipeline, transforms
+from jaxmm.errors import ConfigError
+from jaxmm.trained_model import TrainedModel
+from jaxmm.workdir import Workdir
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
 
@@ -191,11 +194,26 @@ ABLATION = (("image", "text"), ("image",), ("text",))
 WITHOUT_COPIES_KEY = "without_train_copies"  # metrics.json entry of exclude_test_duplicates
 
 
-def eval_dir(workdir: str, split: str, checkpoint: str, step: int, suffix: str = "") -> str:
-    """``eval/best/<split>`` or ``eval/step_<N>/<split>`` (for ``latest`` and step numbers), so
-    evaluations of different checkpoints never replace each other's reports."""
-    tag = "best" if str(checkpoint) == "best" else f"step_{step}"
-    return os.path.join(workdir, paths.EVAL_DIR, tag, split + suffix)
+def open_split(wd: Workdir, trained: TrainedModel, split: str) -> scoring.SplitEvaluator:
+    """The evaluator of one split of a run's prepared dataset (never prepared here)."""
+    dataset_dir = wd.dataset_dir()
+    sources = pipeline.load_splits(dataset_dir, (split,))  # only this split's files
+    if split not in sources:
+        raise ConfigError(f"{dataset_dir} has no {split!r} split")
+    record = wd.read_record()
+    return scoring.SplitEvaluator(wd.config(), trained.model, trained.class_names,
+                                  np.asarray(record["class_weights"], np.float32),
+                                  trained.tokenizer, sources[split], split)
+
+
+def fit_calibration(wd: Workdir, trained: TrainedModel, variables) -> dict:
+    """Fits the temperature of a trained model on the run's validation split; process 0 writes
+    calibration.json. Every process must call it."""
+    record = calibration.fit_on_split(open_split(wd, trained, "validation"), variables,
+                                      trained.step)
+    if train_log.is_writer():
+        wd.write_calibration(record)
+    return record
 
 
 def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", modalities=None,
@@ -221,42 +239,46 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
       dict(metrics, report (classification report text), out_dir, ablation (rows or None),
       notes (lines to show)).
     """
-    run = restore.load_run(workdir, checkpoint, axis_name=parallel.AXIS_NAME)
+    wd = Workdir(workdir)
+    trained = wd.load_model(checkpoint, axis_name=parallel.AXIS_NAME, calibrated=False)
+    variables = parallel.replicate(trained.variables)
     notes = []
     if calibrate:
-        record = fit_calibration(run)
+        record = fit_calibration(wd, trained, variables)
         notes.append(f"calibration: temperature {record['temperature']:.3f} fitted on "
                      f"validation, written to {paths.CALIBRATION_FILE}")
-    evaluator = scoring.SplitEvaluator(run, split)
-    mods = scoring.selected_modalities(run.modalities, modalities)
-    metrics, predictions = evaluator(mods, collect=True)
-    metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=run.step,
+    evaluator = open_split(wd, trained, split)
+    mods = scoring.selected_modalities(trained.modalities, modalities)
+    metrics, predictions = evaluator(variables, mods, collect=True)
+    metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=trained.step,
                    modalities=list(mods))
+    config = wd.config()
     if exclude_test_duplicates is None:
-        exclude_test_duplicates = run.config.get("exclude_test_duplicates", False)
+        exclude_test_duplicates = config.get("exclude_test_duplicates", False)
     if exclude_test_duplicates and split == "test":  # from the raw probabilities
-        metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, predictions)
+        metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, wd.dataset_dir(),
+                                                                 predictions)
         notes.append(note)
-    temperature = _temperature(workdir, calibrated and mods == run.modalities, notes)
-    labels = split_labels(evaluator.source, predictions["index"])
+    temperature = _temperature(wd, calibrated and mods == trained.modalities, notes)
+    labels = evaluator.labels(predictions["index"])
     metrics["calibration"] = calibration_summary(predictions["probs"], labels, temperature)
     if temperature is not None:
         predictions["probs"] = calibration.softmax(
             calibration.log_probs_as_logits(predictions["probs"]), temperature)
-    suffix = "" if mods == run.modalities else "-" + "+".join(mods)
-    out_dir = eval_dir(workdir, split, checkpoint, run.step, suffix)
-    result = {"metrics": metrics, "out_dir": out_dir, "ablation": None, "notes": notes,
-              "report": ""}
+    suffix = "" if mods == trained.modalities else "-" + "+".join(mods)
+    result = {"metrics": metrics, "out_dir": wd.eval_dir(split, checkpoint, trained.step, suffix),
+              "ablation": None, "notes": notes, "report": ""}
     if ablation:
-        result["ablation"], ablation_notes = run_ablation(evaluator)
+        result["ablation"], ablation_notes = run_ablation(
+            evaluator, variables, config.model.get("modality_dropout", 0.0))
         notes += ablation_notes
     if train_log.is_writer():
-        _write_all(result, evaluator, predictions, labels, temperature, explain_first)
+        _write_all(result, evaluator, trained, predictions, labels, temperature, explain_first)
     return result
 
 
-def without_train_copies(evaluator: scoring.SplitEvaluator, predictions: dict
-                         ) -> tuple[dict, str]:
+def without_train_copies(evaluator: scoring.SplitEvaluator, dataset_dir: str,
+                         predictions: dict) -> tuple[dict, str]:
     """Metrics of the test split without the images that have a copy in Train.
 
     The copies are the ``duplicates`` prepare found (exact, or near by perceptual hash).
@@ -264,26 +286,26 @@ def without_train_copies(evaluator: scoring.SplitEvaluator, predictions: dict
     Returns:
       (metrics with ``excluded_files``, a one-line summary).
     """
-    run = evaluator.run
-    meta = files.read_json(os.path.join(run.dataset_dir, paths.META_FILE)) or {}
+    meta = files.read_json(os.path.join(dataset_dir, paths.META_FILE)) or {}
     if "duplicates" not in meta:
         return {}, ("exclude_test_duplicates: the prepared dataset has no duplicate report "
                     "(prepared by an older jaxmm); prepare it again to use this option")
     excluded = dedup.files_with_copy_in(meta["duplicates"], evaluator.split, "train")
     names = [files.text(evaluator.source[int(i)]["file_name"]) for i in predictions["index"]]
     keep = [n not in excluded for n in names]
-    metrics = scoring.subset_metrics(evaluator.source, predictions, run.class_names,
-                                     run.class_weights, keep)
+    metrics = scoring.subset_metrics(evaluator.source, predictions, evaluator.class_names,
+                                     evaluator.class_weights, keep)
     metrics["excluded_files"] = sorted(n for n in names if n in excluded)
     return metrics, (f"{evaluator.split} without the {len(metrics['excluded_files'])} images "
                      f"that have a copy in Train: {metrics['num_examples']} examples, accuracy "
                      f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
 
 
-def _write_all(result, evaluator, predictions, labels, temperature, explain_first) -> None:
+def _write_all(result, evaluator, trained, predictions, labels, temperature,
+               explain_first) -> None:
     """Process 0: reports, reliability diagram, ablation table and explanations."""
-    run, out_dir, metrics = evaluator.run, result["out_dir"], result["metrics"]
-    rows = scoring.example_rows(evaluator.source, predictions, run.class_names)
+    out_dir, metrics = result["out_dir"], result["metrics"]
+    rows = scoring.example_rows(evaluator.source, predictions, trained.class_names)
     result["report"] = write_reports(
         out_dir, metrics, rows, lambda i: transforms.as_pil(evaluator.source[i]["image"]))
     kind = "raw" if temperature is None else f"calibrated (T={temperature:.2f})"
@@ -296,21 +318,16 @@ def _write_all(result, evaluator, predictions, labels, temperature, explain_firs
     if explain_first is not None:
         chosen = sorted({r["index"] for r in rows if r["true"] != r["predicted"]}
                         | set(range(min(explain_first, len(rows)))))
-        view = transforms.EvalTransform(run.config.image_size)
+        view = transforms.EvalTransform(trained.preprocessing.crop_size)
         examples = [{**view(evaluator.source[i]),
                      "name": files.text(evaluator.source[i]["file_name"])} for i in chosen]
         folder = os.path.join(out_dir, paths.EXPLANATIONS_DIR)
         shutil.rmtree(folder, ignore_errors=True)  # no figures left over from an earlier call
-        explain.write_explanations(run, examples, folder, temperature or 1.0)
+        explain.write_explanations(trained, examples, folder, temperature or 1.0)
         result["notes"].append(f"{len(examples)} explanations in {folder}")
 
 
 # --- Calibration ---------------------------------------------------------------------------------
-
-def split_labels(source, index) -> np.ndarray:
-    """The true classes of the records ``index`` of a split source."""
-    return np.array([int(source[int(i)]["label"]) for i in index], np.int64)
-
 
 def calibration_summary(probs, labels, temperature: float | None) -> dict:
     """metrics.json's 'calibration' entry: ECE/NLL/Brier raw and (with T) calibrated."""
@@ -322,52 +339,31 @@ def calibration_summary(probs, labels, temperature: float | None) -> dict:
             "raw": calibration.calibration_metrics(probs, labels), "calibrated": calibrated}
 
 
-def _temperature(workdir: str, wanted: bool, notes: list) -> float | None:
+def _temperature(wd: Workdir, wanted: bool, notes: list) -> float | None:
     if not wanted:
         return None
-    temperature = calibration.workdir_temperature(workdir)
+    temperature = wd.temperature()
     if temperature is None:
         notes.append(f"no {paths.CALIBRATION_FILE} in the workdir: probabilities are "
                      "uncalibrated (fit one with jaxmm.evaluate --calibrate)")
     return temperature
 
 
-def fit_calibration(run: restore.Run) -> dict:
-    """Fits the temperature on the run's validation split; process 0 writes calibration.json.
-
-    Every process must call it (the split is evaluated on all devices and processes).
-
-    Returns:
-      The ``calibration.calibration_record`` (with the checkpoint step).
-    """
-    evaluator = scoring.SplitEvaluator(run, "validation")
-    _, predictions = evaluator(collect=True)
-    labels = split_labels(evaluator.source, predictions["index"])
-    # Log-probabilities are the logits up to a per-row shift, which softmax ignores.
-    logits = calibration.log_probs_as_logits(predictions["probs"])
-    record = calibration.calibration_record(logits, labels,
-                                            calibration.fit_temperature(logits, labels))
-    record["checkpoint_step"] = run.step
-    if train_log.is_writer():
-        calibration.save_calibration(paths.in_workdir(run.workdir, paths.CALIBRATION_FILE),
-                                     record)
-    return record
-
-
-def run_ablation(evaluator: scoring.SplitEvaluator) -> tuple[list | None, list]:
+def run_ablation(evaluator: scoring.SplitEvaluator, variables, modality_dropout: float
+                 ) -> tuple[list | None, list]:
     """Evaluates image+text, image-only and text-only from one checkpoint.
 
     Returns:
       (rows, notes): rows is None when the model has a single tower.
     """
-    run = evaluator.run
-    if len(run.modalities) < 2:
+    modalities = evaluator.modalities
+    if len(modalities) < 2:
         return None, [f"ablation is not applicable: the model has only the "
-                      f"{run.modalities[0]} tower"]
-    notes = [] if run.config.model.get("modality_dropout", 0.0) else [
+                      f"{modalities[0]} tower"]
+    notes = [] if modality_dropout else [
         "WARNING: the model was trained with config.model.modality_dropout=0, so it never saw a "
         "missing tower; the single-tower rows are not meaningful"]
     keys = ("num_examples", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "loss")
     rows = [{"modalities": list(mods), **{k: m[k] for k in keys}}
-            for mods in ABLATION for m in [evaluator(mods)[0]]]
+            for mods in ABLATION for m in [evaluator(variables, mods)[0]]]
     return rows, notes

@@ -30,8 +30,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from jaxmm import calibration, paths
-from jaxmm.data import transforms
 from jaxmm.models.resnet import LAST_STAGE
+from jaxmm.trained_model import padded_batches
 
 IG_STEPS = 64  # trapezoid intervals of the integrated-gradients path
 
@@ -334,12 +334,12 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_")[:60] or "example"
 
 
-def write_explanations(run, examples: list[dict], out_dir: str, temperature: float = 1.0,
-                       batch_size: int = 16) -> list[str]:
-    """Explains eval-view examples of a run: one PNG each plus ``paths.GALLERY_FILE``.
+def write_explanations(trained, examples: list[dict], out_dir: str,
+                       temperature: float = 1.0, batch_size: int = 16) -> list[str]:
+    """Explains eval-view examples of a trained model: one PNG each plus ``paths.GALLERY_FILE``.
 
     Args:
-      run: a ``restore.Run`` (model, variables, tokenizer, config, class_names).
+      trained: a ``TrainedModel`` (model, variables, tokenizer, spec).
       examples: dicts with image (uint8 [H,W,3], the eval crop), text, and optionally label
         (int) and name (file name, used in titles and PNG names).
       out_dir: folder to write (created).
@@ -350,12 +350,10 @@ def write_explanations(run, examples: list[dict], out_dir: str, temperature: flo
       The written PNG paths, the gallery last.
     """
     os.makedirs(out_dir, exist_ok=True)
-    explainer = Explainer(run.model, run.variables, run.tokenizer, temperature)
-    tokenize = transforms.TokenizeBatch(run.tokenizer, run.config.max_text_length)
+    explainer = Explainer(trained.model, trained.variables, trained.tokenizer, temperature)
+    tokenize = trained.tokenize_batch()
     found = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape, one compilation
+    for chunk, padded in padded_batches(examples, batch_size):
         batch = tokenize({"image": np.stack([e["image"] for e in padded]),
                           "text": [e["text"] for e in padded]})
         found += explainer.explain(
@@ -364,10 +362,9 @@ def write_explanations(run, examples: list[dict], out_dir: str, temperature: flo
             names=[e.get("name", "") for e in padded])[:len(chunk)]
     for ex in found:
         ex.label = None if ex.label is None or ex.label < 0 else ex.label
-    written = [render(ex, run.class_names,
-                      os.path.join(out_dir, f"{k:04d}_{_slug(ex.name)}.png"))
+    names = trained.class_names
+    written = [render(ex, names, os.path.join(out_dir, f"{k:04d}_{_slug(ex.name)}.png"))
                for k, ex in enumerate(found)]
     if found:
-        written.append(render_gallery(found, run.class_names,
-                                      os.path.join(out_dir, paths.GALLERY_FILE)))
+        written.append(render_gallery(found, names, os.path.join(out_dir, paths.GALLERY_FILE)))
     return written

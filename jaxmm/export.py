@@ -27,12 +27,13 @@ def main(argv):
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
-    from jaxmm import bundle_writer
+    from jaxmm import bundle
 
-    spec = bundle_writer.export_run(_WORKDIR.value, _OUT.value, _CHECKPOINT.value,
+    spec = bundle.export_run(_WORKDIR.value, _OUT.value, _CHECKPOINT.value,
                                     tuple(_PLATFORMS.value))
     weights = spec["weights"]
-    print(f"bundle written to {os.path.abspath(_OUT.value)}: {len(spec['class_names'])} classes, "
+    print(f"bundle {spec['model_id']} written to {os.path.abspath(_OUT.value)}: "
+          f"{len(spec['model']['class_names'])} classes, "
           f"{weights['values']:,} weights in {weights['count']} tensors, step "
           f"{spec['source']['step']} ({spec['source']['checkpoint']}), function for "
           f"{', '.join(spec['function']['platforms'])}")

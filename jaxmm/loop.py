@@ -22,22 +22,20 @@ from absl import logging
 
 from jaxmm import (
     builders,
+    calibration,
     checkpointing,
-    eval_report,
-    files,
     lock,
     optim,
     parallel,
-    paths,
-    restore,
-    run_record,
     scoring,
     steps,
     train_log,
 )
-from jaxmm.data import pipeline
+from jaxmm.data import pipeline, prepared
 from jaxmm.errors import DivergedError
 from jaxmm.run_state import RunProgress, Status
+from jaxmm.trained_model import ModelSpec
+from jaxmm.workdir import Workdir, model_architecture
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -90,7 +88,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     optimizer (no variables yet: a resume never initialises them)."""
     builders.validate_config(config)
     data = builders.prepared_data(config)
-    tokenizer = builders.load_tokenizer(config, data.dataset_dir, workdir)
+    tokenizer = builders.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
     steps_per_epoch, total_steps = builders.schedule_lengths(config, data.num_examples["train"])
     model = builders.make_model(config, len(data.class_names), len(tokenizer))
     tx = builders.make_optimizer(config, model, steps_per_epoch, total_steps)
@@ -153,10 +151,11 @@ class _Run:
     the device to know where it is.
     """
 
-    def __init__(self, config, workdir, setup: Setup):
-        self.config, self.workdir, self.setup = config, workdir, setup
+    def __init__(self, config, workdir: str, setup: Setup):
+        self.config, self.setup = config, setup
+        self.workdir = Workdir(workdir)
         self.ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
-        self.writer = train_log.MetricWriter(workdir)
+        self.writer = train_log.MetricWriter(self.workdir)
         self.train_iter = pipeline.make_train_iter(
             config, setup.data.sources["train"], setup.tokenizer,
             local_batch_size=parallel.local_batch_size(config.batch_size),
@@ -166,11 +165,13 @@ class _Run:
         self.step = int(parallel.first(self.state.step))
         self.root_key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
         self.train_fn = builders.train_step_fn(config, setup.class_weights)
-        self.eval_fn = scoring.make_eval_fn(setup.model.apply, setup.class_weights,
-                                            len(setup.data.class_names))
+        self.validation = scoring.SplitEvaluator(
+            config, setup.model, setup.data.class_names, setup.class_weights, setup.tokenizer,
+            setup.data.sources["validation"], "validation")
         self.iter_state = None
         self.window, self.bad = None, jnp.zeros(())
         self.window_steps, self.window_start = 0, time.perf_counter()
+        self.compile_s = None
 
     @property
     def epoch(self) -> int:
@@ -178,6 +179,18 @@ class _Run:
         return self.step // self.setup.steps_per_epoch
 
     # -- per step ---------------------------------------------------------------------------
+    def train_step(self, batches) -> None:
+        """One train step on the next batch; the first one's compile time is logged."""
+        device_batch, self.iter_state = next(batches)
+        t0 = time.perf_counter()
+        self.state, m = self.train_fn(self.state, device_batch, self.root_key)
+        self.step += 1
+        self.add_metrics(m)
+        if self.compile_s is None:
+            jax.block_until_ready(m)
+            self.compile_s = time.perf_counter() - t0
+            logging.info("first step (compile + run): %.1f s", self.compile_s)
+
     def add_metrics(self, m):
         m = parallel.first(m)
         self.bad = self.bad + (~jnp.isfinite(m["weighted_ce"]) | ~jnp.isfinite(m["grad_norm"]))
@@ -189,8 +202,8 @@ class _Run:
             last = self.ckpts.latest_step()
             raise NonFiniteLossError(
                 f"non-finite loss or gradient before step {self.step}; stopping. The last good "
-                f"checkpoint (step {last}) is kept in {self.workdir}. Lower the learning rates "
-                f"or check the data.")
+                f"checkpoint (step {last}) is kept in {self.workdir.path}. Lower the learning "
+                f"rates or check the data.")
 
     def log_train(self, bar):
         self.check_finite()
@@ -229,15 +242,9 @@ class _Run:
         """
         c, p = self.config, self.progress
         variables = self.state.eval_variables  # The EMA weights when the run keeps them.
-        batches = pipeline.make_eval_iter(
-            c, self.setup.data.sources["validation"], self.setup.tokenizer,
-            local_batch_size=parallel.local_batch_size(c.eval_batch_size, "eval_batch_size"),
-            process_index=jax.process_index(), process_count=jax.process_count())
-        val, _ = scoring.evaluate_split(self.eval_fn, variables, batches,
-                                        self.setup.data.class_names)
+        val, _ = self.validation(variables)
         metric = c.early_stopping_metric
-        improved = p.record_validation(self.epoch, self.step, val[metric],
-                                       metric in builders.LOWER_IS_BETTER, _scalars(val))
+        improved = p.record_validation(self.epoch, self.step, metric, _scalars(val))
         if improved:
             self.ckpts.save_best(self.step, parallel.replicated_view(variables), p.to_json())
         self.writer.write(self.step, "val", {**_scalars(val), "epoch": self.epoch})
@@ -246,14 +253,16 @@ class _Run:
         return c.patience > 0 and p.bad_epochs >= c.patience
 
 
-def _write_run_record(config, workdir: str, setup: Setup, data_record: dict) -> None:
+def _write_run_record(config, wd: Workdir, setup: Setup, data_record: dict) -> None:
     """config.json (what inference rebuilds the run from), written when the run starts."""
     data = setup.data
-    run_record.write(workdir, {
+    spec = ModelSpec(tuple(data.class_names), model_architecture(setup.model, config),
+                     builders.preprocessing(config, data.meta))
+    wd.write_record({
         "config": config.to_dict(), "run": train_log.run_info(), "class_names": data.class_names,
         "class_weights": setup.class_weights.tolist(), "num_examples": data.num_examples,
-        "steps_per_epoch": setup.steps_per_epoch,
-        "preprocessing": builders.preprocessing(config, data.meta), "data": data_record})
+        "steps_per_epoch": setup.steps_per_epoch, "model": spec.to_json(),
+        "data": data_record})
 
 
 @contextlib.contextmanager
@@ -278,16 +287,17 @@ def _start(config, workdir: str) -> "_Run":
     """Builds the run; a resume is checked against the run record before anything is written,
     which is written only when the run starts (or predates run records)."""
     setup = build(config, workdir)
+    wd = Workdir(workdir)
     resuming = (checkpointing.available(workdir)["latest"] is not None
                 or config.resume_step >= 0)
-    data = run_record.data_record(setup.data.dataset_dir, setup.data.meta)
+    data = prepared.data_record(setup.data.dataset_dir, setup.data.meta)
     if resuming:
-        run_record.check_resume(workdir, data, config.allow_data_change)
+        wd.check_resume(data, config.allow_data_change)
     run = _Run(config, workdir, setup)
     if train_log.is_writer():
-        if not resuming or run_record.read(workdir) is None:
-            _write_run_record(config, workdir, setup, data)
-        builders.keep_tokenizer(setup.tokenizer, workdir)
+        if not resuming or wd.record() is None:
+            _write_run_record(config, wd, setup, data)
+        wd.keep_tokenizer(setup.tokenizer)
     return run
 
 
@@ -309,57 +319,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, signals: StopSignals) -> dict:
+    """One loop over steps; logging, validation, stopping and saving are periodic actions keyed
+    on the step (the save policy is the checkpoint layer's)."""
     run = _start(config, workdir)
     setup, spe, p = run.setup, run.setup.steps_per_epoch, run.progress
     batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
-    compile_s = None
+    bar = None
     while p.status == Status.RUNNING and run.step < setup.total_steps:
-        bar = train_log.ProgressBar(run.epoch, spe, run.step % spe,
-                                    config.get("log_every_seconds", 30.0))
-        while True:
-            device_batch, run.iter_state = next(batches)
-            t0 = time.perf_counter()
-            run.state, m = run.train_fn(run.state, device_batch, run.root_key)
-            run.step += 1
-            run.add_metrics(m)
-            if compile_s is None:
-                jax.block_until_ready(m)
-                compile_s = time.perf_counter() - t0
-                logging.info("first step (compile + run): %.1f s", compile_s)
-            bar.update(1)
-            if run.step % config.log_every_steps == 0 or run.step % spe == 0:
-                run.log_train(bar)
-            if signals.should_stop(run.step, config.signal_check_every_steps):
-                p.status = Status.PREEMPTED
-                break
-            if run.step % spe == 0:
-                break
-            if run.step % config.checkpoint_every_steps == 0:
-                run.save()
-        bar.close()
-        if p.status == Status.PREEMPTED:
+        bar = bar or train_log.ProgressBar(run.epoch, spe, run.step % spe,
+                                           config.get("log_every_seconds", 30.0))
+        run.train_step(batches)
+        bar.update(1)
+        epoch_end = run.step % spe == 0
+        if run.step % config.log_every_steps == 0 or epoch_end:
+            run.log_train(bar)
+        stop = signals.should_stop(run.step, config.signal_check_every_steps)
+        if stop or epoch_end:
+            bar.close()
+            bar = None
+        if stop:
+            p.status = Status.PREEMPTED
             logging.warning("%s received: saving step %d and exiting", signals.received, run.step)
+        elif epoch_end:
+            if run.evaluate_epoch():
+                p.status = Status.EARLY_STOPPED
+            elif run.step >= setup.total_steps:
+                p.status = Status.FINISHED
+        if run.ckpts.should_save(run.step, every=config.checkpoint_every_steps,
+                                 epoch_end=epoch_end, stopping=p.status != Status.RUNNING):
             run.save()
-            break
-        if run.evaluate_epoch():
-            p.status = Status.EARLY_STOPPED
-        elif run.step >= setup.total_steps:
-            p.status = Status.FINISHED
-        run.save()
+    if bar is not None:
+        bar.close()
     run.ckpts.wait()
     run.train_iter.close()  # Stops grain workers and frees their shared memory.
     if p.status != Status.PREEMPTED and p.best_step is not None:
-        _fit_calibration(workdir)
-    summary = _summary(run, compile_s)
+        _fit_calibration(run)
+    summary = _summary(run, run.compile_s)
     run.ckpts.close()
     run.writer.close()
     return summary
 
 
-def _fit_calibration(workdir: str) -> None:
+def _fit_calibration(run: "_Run") -> None:
     """Temperature scaling of the best checkpoint on validation (``paths.CALIBRATION_FILE``)."""
-    record = eval_report.fit_calibration(
-        restore.load_run(workdir, "best", axis_name=parallel.AXIS_NAME))
+    variables, step = checkpointing.restore_model(run.workdir.path, "best")
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
+    record = calibration.fit_on_split(run.validation, parallel.replicate(variables), step)
+    if train_log.is_writer():
+        run.workdir.write_calibration(record)
     logging.info("calibration: temperature %.3f; validation NLL %.4f -> %.4f, ECE %.4f -> %.4f",
                  record["temperature"], record["before"]["nll"], record["after"]["nll"],
                  record["before"]["ece"], record["after"]["ece"])
@@ -381,9 +388,9 @@ def _summary(run: _Run, compile_s) -> dict:
                "best_validation": p.best_validation(),
                "early_stopping_metric": run.config.early_stopping_metric,
                "params_abs_sum": checksum, "compile_seconds": compile_s,
-               "workdir": os.path.abspath(run.workdir)}
+               "workdir": os.path.abspath(run.workdir.path)}
     if train_log.is_writer():
         summary["learning_curves"] = train_log.plot_learning_curves(
             run.workdir, run.config.early_stopping_metric)
-        files.write_json(paths.in_workdir(run.workdir, paths.SUMMARY_FILE), summary)
+        run.workdir.write_summary(summary)
     return summary

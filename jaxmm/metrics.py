@@ -75,3 +75,26 @@ def loss_metrics(sums: dict) -> dict:
         "loss": float(sums["weighted_ce"]) / weight if weight else float("nan"),
         "ce": float(sums["ce"]) / count if count else float("nan"),
     }
+
+
+def prediction_row(probs, class_names: list, **fields) -> dict:
+    """One prediction as a report row: ``fields``, predicted class, confidence, p_<class>."""
+    k = int(np.argmax(probs))
+    return {**fields, "predicted": class_names[k], "confidence": float(probs[k]),
+            **{f"p_{c}": float(v) for c, v in zip(class_names, probs, strict=True)}}
+
+
+# Validation metrics that may pick the best checkpoint; lower is better for the losses.
+EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1",
+                          "macro_precision", "macro_recall", "loss", "ce")
+LOWER_IS_BETTER = ("loss", "ce")
+
+
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (strictly: the first of equals stays best).
+
+    The one best-epoch rule: the trainer's early stopping and ``jaxmm.compare`` both use it.
+    """
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best

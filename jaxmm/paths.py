@@ -54,11 +54,6 @@ def dataset_path(out_dir: str) -> str:
     return os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
 
 
-def in_workdir(workdir: str, name: str) -> str:
-    """A file or folder of the workdir layout, e.g. ``in_workdir(w, paths.CONFIG_FILE)``."""
-    return os.path.join(workdir, name)
-
-
 if __name__ == "__main__":
     # For shell scripts: `python -m jaxmm.paths SUMMARY_FILE` prints train_summary.json.
     print(globals()[sys.argv[1]])

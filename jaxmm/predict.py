@@ -22,6 +22,7 @@ from absl import flags
 
 from jaxmm import cli, paths
 from jaxmm.errors import ConfigError
+from jaxmm.workdir import Workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
 _MODEL = flags.DEFINE_string("model", None, "Bundle folder written by jaxmm.export.")
@@ -45,7 +46,7 @@ def main(argv):
     if _WORKDIR.value:  # the run's compiled programs are kept in its workdir
         from jaxmm import parallel
 
-        parallel.configure_xla(paths.in_workdir(_WORKDIR.value, paths.JAX_CACHE_DIR))
+        parallel.configure_xla(Workdir(_WORKDIR.value).file(paths.JAX_CACHE_DIR))
     cli.setup_logging()
     from jaxmm import classify, files
 
@@ -56,15 +57,14 @@ def main(argv):
         raise ConfigError("give --out FILE.csv for the predictions of a folder")
     if _EXPLAIN.value and _MODEL.value:
         raise ConfigError("--explain needs --workdir (a bundle has no gradients)")
-    predictor, text_source = classify.open_predictor(_WORKDIR.value, _MODEL.value,
-                                                     _CHECKPOINT.value, _BATCH.value,
-                                                     not _NO_CALIBRATION.value)
-    text = classify.text_rule(_TEXT.value, _CAPTIONS.value, text_source)
+    predictor = classify.open_predictor(_WORKDIR.value, _MODEL.value, _CHECKPOINT.value,
+                                        _BATCH.value, not _NO_CALIBRATION.value)
+    text = classify.text_rule(_TEXT.value, _CAPTIONS.value, predictor.spec)
     rows, unreadable = classify.predict_files(predictor, images, text)
     for line in problems + unreadable:
         print(f"skipped {line}", file=sys.stderr)
     names = predictor.class_names
-    out = _OUT.value or (paths.in_workdir(_WORKDIR.value, paths.PREDICTIONS_FILE)
+    out = _OUT.value or (Workdir(_WORKDIR.value).file(paths.PREDICTIONS_FILE)
                          if any_folder else "")
     if out:
         files.write_csv(out, rows, ["file", "text", "predicted", "confidence"]

@@ -8,6 +8,8 @@ and history.
 import dataclasses
 import enum
 
+from jaxmm.metrics import improves
+
 
 class Status(str, enum.Enum):
     """How a run stands: RUNNING until the loop ends it one of the other three ways."""
@@ -52,15 +54,14 @@ class RunProgress:
         fields["status"] = Status(fields.get("status", Status.RUNNING.value))
         return cls(**fields)
 
-    def record_validation(self, epoch: int, step: int, value: float, lower_is_better: bool,
-                          metrics: dict) -> bool:
+    def record_validation(self, epoch: int, step: int, metric: str, metrics: dict) -> bool:
         """Adds one epoch's validation to the history and updates best and patience.
 
         Returns:
           Whether this epoch is the new best.
         """
-        sign = -1.0 if lower_is_better else 1.0
-        improved = self.best_metric is None or sign * value > sign * self.best_metric
+        value = metrics[metric]
+        improved = improves(metric, value, self.best_metric)
         if improved:
             self.best_metric, self.best_epoch, self.best_step = value, epoch, step
             self.bad_epochs = 0

@@ -7,29 +7,22 @@ and the median training throughput. A missing or damaged file leaves a note on t
 exception.
 """
 
-import json
 import os
 import statistics
 import time
 
-from jaxmm import files, lock, paths, sweep
+from jaxmm import files, lock, metrics, paths, sweep
 from jaxmm.errors import ConfigError
 from jaxmm.run_state import Status
+from jaxmm.workdir import Workdir
 
 # A run without a closing summary counts as running while it wrote something this recently.
 DEFAULT_STALE_MINUTES = 30.0
 VAL_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "weighted_f1", "loss")
 TEST_KEYS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
-LOWER_IS_BETTER = ("loss", "ce")
 # Summary statuses as the table shows them.
 _STATUS_NAMES = {Status.FINISHED.value: "finished", Status.EARLY_STOPPED.value: "early-stopped",
                  Status.PREEMPTED.value: "preempted"}
-
-
-def is_run(path: str) -> bool:
-    """Whether a folder looks like a training workdir."""
-    return any(os.path.exists(os.path.join(path, name)) for name in (
-        paths.CONFIG_FILE, paths.METRICS_FILE, paths.SUMMARY_FILE, paths.CHECKPOINTS_DIR))
 
 
 def find_runs(dirs) -> tuple[list[dict], list[str]]:
@@ -44,36 +37,15 @@ def find_runs(dirs) -> tuple[list[dict], list[str]]:
         if manifest is not None:
             runs += [{"name": r["name"], "workdir": os.path.join(d, r["name"]),
                       "overrides": r.get("overrides")} for r in manifest["runs"]]
-        elif is_run(d):
+        elif Workdir(d).is_run():
             runs.append({"name": os.path.basename(os.path.normpath(d)), "workdir": d,
                          "overrides": None})
         elif os.path.isdir(d) and (subs := [s for s in sorted(os.listdir(d))
-                                            if is_run(os.path.join(d, s))]):
+                                            if Workdir(os.path.join(d, s)).is_run()]):
             runs += [{"name": s, "workdir": os.path.join(d, s), "overrides": None} for s in subs]
         else:
             notes.append(f"{d}: not a workdir or sweep folder, skipped")
     return runs, notes
-
-
-def read_metrics(workdir: str, notes: list) -> list[dict]:
-    """Rows of metrics.jsonl; unreadable lines (e.g. one being written) are counted in notes."""
-    path = os.path.join(workdir, paths.METRICS_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "kind" in row:
-            rows.append(row)
-    if len(rows) < len(lines):
-        notes.append(f"{len(lines) - len(rows)} unreadable line(s) in {paths.METRICS_FILE}")
-    return rows
 
 
 def validation_history(rows: list[dict]) -> list[dict]:
@@ -100,7 +72,7 @@ def _last_write(workdir: str) -> float | None:
 def lock_state(workdir: str) -> str | None:
     """"live" while a training process holds the workdir's lock, "stale" when the holder is gone
     (it died without releasing it), None without a lock file."""
-    holder = lock.read_holder(paths.in_workdir(workdir, paths.LOCK_FILE))
+    holder = lock.read_holder(os.path.join(workdir, paths.LOCK_FILE))
     if holder is None:
         return None
     return "stale" if lock.stale_reason(holder, lock.this_process()) else "live"
@@ -117,8 +89,9 @@ def run_status(workdir: str, summary: dict | None, stale_s: float, now: float) -
         return "running"
     if summary and summary.get("status"):
         summary_time = os.path.getmtime(os.path.join(workdir, paths.SUMMARY_FILE))
-        metrics = os.path.join(workdir, paths.METRICS_FILE)
-        resumed = os.path.exists(metrics) and os.path.getmtime(metrics) > summary_time + 1
+        metrics_file = os.path.join(workdir, paths.METRICS_FILE)
+        resumed = (os.path.exists(metrics_file)
+                   and os.path.getmtime(metrics_file) > summary_time + 1)
         if not resumed:
             return _STATUS_NAMES.get(summary["status"], summary["status"].replace("_", "-"))
     if held == "stale":
@@ -134,10 +107,9 @@ def best_validation(history: list[dict], metric: str) -> dict | None:
     rows = [r for r in history if isinstance(r.get(metric), (int, float))]
     if not rows:
         return None
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     best = rows[0]
     for r in rows[1:]:
-        if sign * r[metric] > sign * best[metric]:
+        if metrics.improves(metric, r[metric], best[metric]):
             best = r
     return best
 
@@ -186,12 +158,13 @@ def _fmt(value) -> str:
 def read_run(run: dict, stale_s: float = DEFAULT_STALE_MINUTES * 60, now=None) -> dict:
     """One comparison row (plus private "_config", "_history" and "notes" entries)."""
     workdir, notes = run["workdir"], []
-    record = files.read_json(os.path.join(workdir, paths.CONFIG_FILE))
-    summary = files.read_json(os.path.join(workdir, paths.SUMMARY_FILE))
+    wd = Workdir(workdir)
+    record = files.read_json(wd.file(paths.CONFIG_FILE))
+    summary = wd.summary()
     config = record.get("config") if isinstance(record, dict) else None
     if os.path.isdir(workdir) and config is None:
         notes.append(f"no readable {paths.CONFIG_FILE}")
-    rows = read_metrics(workdir, notes)
+    rows = wd.metric_rows(notes)
     history = validation_history(rows)
     metric = (config or {}).get("early_stopping_metric", "macro_f1")
     best = best_validation(history, metric) or (summary or {}).get("best_validation")
@@ -234,7 +207,7 @@ def sort_rows(rows: list[dict], column: str) -> list[dict]:
     if rows and column not in rows[0]:
         raise ConfigError(f"cannot sort by '{column}'; choose one of "
                          f"{', '.join(k for k in rows[0] if not k.startswith('_'))}")
-    sign = 1.0 if column.rsplit("_", 1)[-1] in LOWER_IS_BETTER else -1.0
+    sign = 1.0 if column.rsplit("_", 1)[-1] in metrics.LOWER_IS_BETTER else -1.0
     have = [r for r in rows if isinstance(r.get(column), (int, float))]
     rest = [r for r in rows if not isinstance(r.get(column), (int, float))]
     return sorted(have, key=lambda r: sign * r[column]) + rest

@@ -6,19 +6,15 @@ and the padding masked, and the metrics come from psummed counts and sums.
 """
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from jaxmm import files, parallel, steps
 from jaxmm import metrics as metrics_lib
-from jaxmm.classify import prediction_row
 from jaxmm.data import pipeline
 from jaxmm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from jaxmm import restore
+from jaxmm.metrics import prediction_row
 
 
 def make_eval_fn(apply_fn, class_weights: np.ndarray, num_classes: int):
@@ -94,39 +90,64 @@ def modality_mask(model_modalities: tuple, modalities) -> np.ndarray | None:
 
 
 class SplitEvaluator:
-    """Evaluates one split of a run, every example exactly once, on all devices and processes."""
+    """Evaluates one split, every example exactly once, on all devices and processes.
 
-    def __init__(self, run: "restore.Run", split: str):
-        sources = pipeline.load_splits(run.dataset_dir, (split,))  # only this split's files
-        if split not in sources:
-            raise ConfigError(f"{run.dataset_dir} has no {split!r} split")
-        self.run, self.split, self.source = run, split, sources[split]
-        # The run's eval batch, rounded up so that any device count splits it evenly.
-        self.local_batch = parallel.local_batch_size(run.config.eval_batch_size,
-                                                     "eval_batch_size", round_up=True)
-        self._fn = make_eval_fn(run.model.apply, run.class_weights, len(run.class_names))
-        self._variables = parallel.replicate(run.variables)
+    Training's validation after every epoch and ``jaxmm.evaluate`` both use it, with the same
+    batch rule: the run's ``eval_batch_size``, rounded up so any device count splits it evenly.
+
+    Args:
+      config: the run's config (eval_batch_size, image_size, max_text_length).
+      model: the flax model (BatchNorm axis ``parallel.AXIS_NAME``).
+      class_names: class names in label order.
+      class_weights: [K] weights of the weighted loss.
+      tokenizer: the run's tokenizer.
+      source: the split's record source (``pipeline.load_splits``).
+      split: the split's name (for messages and reports).
+    """
+
+    def __init__(self, config, model, class_names, class_weights, tokenizer, source,
+                 split: str):
+        self.config, self.model, self.split, self.source = config, model, split, source
+        self.class_names, self.class_weights = list(class_names), class_weights
+        self.tokenizer = tokenizer
+        self.local_batch = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size",
+                                                     round_up=True)
+        self._fn = make_eval_fn(model.apply, class_weights, len(self.class_names))
+
+    @property
+    def modalities(self) -> tuple:
+        return tuple(self.model.modalities)
 
     def _batches(self):
         return pipeline.make_eval_iter(
-            self.run.config, self.source, self.run.tokenizer, local_batch_size=self.local_batch,
+            self.config, self.source, self.tokenizer, local_batch_size=self.local_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
 
-    def __call__(self, modalities=None, collect: bool = False) -> tuple[dict, dict | None]:
+    def __call__(self, variables, modalities=None, collect: bool = False
+                 ) -> tuple[dict, dict | None]:
         """Metrics (exact, from psummed counts) and, when collecting, every example's probs.
+
+        Args:
+          variables: replicated {"params", "batch_stats"} (``parallel.replicate``).
+          modalities: towers to keep (None = all of the model's).
+          collect: also gather every example's probabilities.
 
         Returns:
           (metrics, predictions): predictions is {"index": [N], "probs": [N, K]} sorted by
           index and identical on every process, or None.
         """
-        mask = modality_mask(self.run.modalities, modalities)
-        metrics, local = evaluate_split(self._fn, self._variables, self._batches(),
-                                        self.run.class_names, mask, collect)
+        mask = modality_mask(self.modalities, modalities)
+        metrics, local = evaluate_split(self._fn, variables, self._batches(), self.class_names,
+                                        mask, collect)
         if not collect:
             return metrics, None
         capacity = self.local_batch * pipeline.num_eval_batches(
             len(self.source), self.local_batch, jax.process_count())
         return metrics, gather_predictions(local, capacity, len(self.source))
+
+    def labels(self, index) -> np.ndarray:
+        """The true classes of the records ``index``."""
+        return np.array([int(self.source[int(i)]["label"]) for i in index], np.int64)
 
 
 def gather_predictions(local: dict, capacity: int, num_examples: int) -> dict:

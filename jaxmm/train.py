@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from jaxmm import cli, paths, train_log
 from jaxmm.errors import ConfigError
+from jaxmm.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -29,7 +30,7 @@ def main(argv):
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     # The workdir survives requeues, so its compilation cache saves a compile on every resume.
     cli.initialize_distributed(
-        paths.in_workdir(os.path.abspath(_WORKDIR.value), paths.JAX_CACHE_DIR))
+        Workdir(os.path.abspath(_WORKDIR.value)).file(paths.JAX_CACHE_DIR))
     import jax
 
     from jaxmm import loop

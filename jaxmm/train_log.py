@@ -4,7 +4,6 @@ here is a no-op on processes other than 0."""
 
 import datetime
 import importlib.metadata
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxmm import files, paths
+from jaxmm import paths
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
              "tensorflow-datasets", "transformers", "numpy")
@@ -56,26 +55,26 @@ def run_info() -> dict:
 
 
 class MetricWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only).
 
-    def __init__(self, workdir: str):
+    Args:
+      wd: the run's ``Workdir``.
+    """
+
+    def __init__(self, wd):
         self._enabled = is_writer()
-        self._path = paths.in_workdir(workdir, paths.METRICS_FILE)
+        self._wd = wd
         self._tb = None
         if self._enabled:
             from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
 
-            self._tb = SummaryWriter(paths.in_workdir(workdir, paths.TENSORBOARD_DIR))
+            self._tb = SummaryWriter(wd.file(paths.TENSORBOARD_DIR))
 
     def write(self, step: int, kind: str, values: dict) -> None:
         """Records scalar ``values`` of ``kind`` ("train" or "val") at ``step``."""
         if not self._enabled:
             return
-        row = {"step": int(step), "kind": kind,
-               **{k: files.jsonable(v) if not isinstance(v, (int, float)) else v
-                  for k, v in values.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._wd.append_metrics({"step": int(step), "kind": kind, **values})
         for key, value in values.items():
             if isinstance(value, (int, float, np.number)):
                 self._tb.add_scalar(f"{kind}/{key}", float(value), int(step))
@@ -86,18 +85,10 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """Rows of ``metrics.jsonl`` (empty if the file does not exist)."""
-    path = paths.in_workdir(workdir, paths.METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_learning_curves(workdir: str, metric: str) -> str | None:
-    """Draws train/validation loss and the validation ``metric`` per step into a PNG."""
-    rows = read_metrics(workdir)
+def plot_learning_curves(wd, metric: str) -> str | None:
+    """Draws train/validation loss and the validation ``metric`` per step into a PNG of the
+    ``Workdir`` ``wd``."""
+    rows = wd.metric_rows()
     if not is_writer() or not rows:
         return None
     import matplotlib
@@ -117,7 +108,7 @@ def plot_learning_curves(workdir: str, metric: str) -> str | None:
     ax_metric.set(xlabel="step", title="Validation", ylim=(0, 1))
     ax_metric.legend()
     fig.tight_layout()
-    path = paths.in_workdir(workdir, paths.CURVES_FILE)
+    path = wd.file(paths.CURVES_FILE)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -199,7 +190,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Best epoch {summary['best_epoch']} (step {summary['best_step']}): "
                      f"validation accuracy {best['accuracy']:.4f}, macro-F1 "
                      f"{best['macro_f1']:.4f}, loss {best['loss']:.4f}")
-    at = lambda name: paths.in_workdir(w, name)
+    at = lambda name: os.path.join(w, name)
     lines += [f"  checkpoints  {at(paths.BEST_DIR)} (best), {at(paths.CHECKPOINTS_DIR)} (latest)",
               f"  metrics      {at(paths.METRICS_FILE)}, {at(paths.TENSORBOARD_DIR)}",
               f"  curves       {at(paths.CURVES_FILE)}",

@@ -6,17 +6,12 @@ source must have the same class list and the same architecture; otherwise one li
 differs.
 """
 
-import os
-
 import jax
 import numpy as np
 
-from jaxmm import checkpointing, files, paths
+from jaxmm import checkpointing, paths
 from jaxmm.errors import ConfigError, WorkdirError
-
-# Model entries that change the parameters' structure or shapes.
-_ARCH_KEYS = ("modalities", "image_arch", "text_arch", "fusion", "proj_dim", "hidden_dim")
-_TEXT_KEYS = ("tokenizer", "tokenizer_vocab_size", "max_text_length")
+from jaxmm.workdir import Workdir, model_architecture, shapes_of
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -27,58 +22,58 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return spec, "best"
 
 
-def _paths_and_shapes(tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): np.shape(x) for p, x in flat}
-
-
-def _config_differences(source: dict, config) -> list[str]:
-    model = source.get("model") or {}
-    out = [f"model.{k}: {_norm(model.get(k))!r} vs {_norm(config.model.get(k))!r}"
-           for k in _ARCH_KEYS if k in model and _norm(model.get(k)) != _norm(config.model.get(k))]
-    out += [f"{k}: {source.get(k)!r} vs {config.get(k)!r}" for k in _TEXT_KEYS
-            if k in source and source.get(k) != config.get(k)]
+def _architecture_differences(source: dict, here: dict) -> list[str]:
+    """"model.<field>: old vs new" for every architecture field that differs (for the text
+    tower's config, the fields inside it)."""
+    out = []
+    for key in sorted(set(source) | set(here)):
+        old, new = source.get(key), here.get(key)
+        if key == "text_config" and isinstance(old, dict) and isinstance(new, dict):
+            out += [f"model.text_config.{k}: {old.get(k)!r} vs {new.get(k)!r}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                    and k not in ("_name_or_path", "transformers_version")]
+        elif old != new:
+            out.append(f"model.{key}: {old!r} vs {new!r}")
     return out
 
 
-def _norm(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
-def check_compatible(spec: str, loaded: dict, template: dict, source_config: dict,
-                     config) -> None:
-    """Raises a one-line ConfigError when ``loaded`` does not fit ``template`` exactly."""
-    have, want = _paths_and_shapes(loaded), _paths_and_shapes(template)
+def check_compatible(spec: str, loaded: dict, template: dict, source_arch: dict | None,
+                     here_arch: dict) -> None:
+    """Raises a one-line ConfigError when ``loaded`` does not fit ``template``'s structure and
+    shapes (dtypes may differ: the template's are applied)."""
+    have = {p: s for p, (s, _) in shapes_of(loaded).items()}
+    want = {p: s for p, (s, _) in shapes_of(template).items()}
     missing = [p for p in want if p not in have]
     extra = [p for p in have if p not in want]
     shapes = [f"{p} {have[p]} vs {want[p]}" for p in want if p in have and have[p] != want[p]]
     if not (missing or extra or shapes):
         return
-    hints = _config_differences(source_config, config)
+    hints = _architecture_differences(source_arch or {}, here_arch)
     detail = (f"{len(missing)} parameter(s) missing (e.g. {missing[0]})" if missing else
               f"{len(extra)} unexpected parameter(s) (e.g. {extra[0]})" if extra else
               f"{len(shapes)} shape(s) differ (e.g. {shapes[0]})")
     raise ConfigError(f"init_from {spec}: the architecture differs from this run's: "
-                     + "; ".join(hints + [detail]))
+                      + "; ".join(hints + [detail]))
 
 
-def load(spec: str, config, class_names, template: dict) -> tuple[dict, int]:
+def load(spec: str, model, config, class_names, template: dict) -> tuple[dict, int]:
     """Model variables of the source run, checked against this run.
 
     Args:
       spec: ``WORKDIR[:best|latest|STEP]``.
+      model: this run's model.
       config: this run's config.
       class_names: this run's class list, in label order.
-      template: this run's freshly initialised {"params", "batch_stats"}.
+      template: this run's variables {"params", "batch_stats"} (shapes and dtypes).
 
     Returns:
       ({"params", "batch_stats"} as NumPy arrays, the source checkpoint's step).
     """
     workdir, which = parse_spec(spec)
-    record = files.read_json(os.path.join(workdir, paths.CONFIG_FILE))
+    record = Workdir(workdir).record()
     if not isinstance(record, dict):
         raise WorkdirError(f"init_from {spec}: {workdir} has no readable {paths.CONFIG_FILE}; "
-                         "is it a training workdir?")
+                           "is it a training workdir?")
     source_classes = list(record.get("class_names") or [])
     if source_classes != list(class_names):
         only_here = sorted(set(class_names) - set(source_classes))
@@ -86,11 +81,13 @@ def load(spec: str, config, class_names, template: dict) -> tuple[dict, int]:
         what = (f"only here {only_here}, only there {only_there}" if only_here or only_there
                 else "same classes in another order")
         raise ConfigError(f"init_from {spec}: the class list differs ({what}): "
-                         f"{source_classes} vs {list(class_names)}")
+                          f"{source_classes} vs {list(class_names)}")
     variables, step = checkpointing.restore_model(workdir, which)
     loaded = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
     template = {"params": template["params"], "batch_stats": template.get("batch_stats") or {}}
-    check_compatible(spec, loaded, template, record.get("config") or {}, config)
+    source_arch = (record.get("model") or {}).get("architecture")
+    check_compatible(spec, loaded, template, source_arch,
+                     model_architecture(model, config))
     # The template's dtypes: a source saved in another precision still trains as configured.
     loaded = jax.tree.map(lambda x, t: np.asarray(x, dtype=np.asarray(t).dtype), loaded,
                           template)

@@ -32,7 +32,36 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
-def without_shared_cache(env: dict) -> dict:
-    """``env`` for a subprocess that must choose its compilation cache itself."""
-    return {k: v for k, v in env.items()
-            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+import pytest  # noqa: E402
+
+from tests import support  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """Workdir of a tiny demo run trained on 4 fake devices (trained once per pytest run)."""
+    from jaxmm import loop
+
+    root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
+    workdir = str(root / "run")
+    if not os.path.exists(os.path.join(workdir, "train_summary.json")):
+        loop.train_and_evaluate(support.eval_tiny_config(str(root)), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def test_split(trained_run):
+    """The test split of the shared run as jaxmm's evaluation sees it: each example's raw file,
+    text and raw (uncalibrated) probabilities of the best checkpoint."""
+    from jaxmm import eval_report, parallel
+    from jaxmm.workdir import Workdir
+
+    wd = Workdir(trained_run)
+    trained = wd.load_model("best", axis_name=parallel.AXIS_NAME, calibrated=False)
+    evaluator = eval_report.open_split(wd, trained, "test")
+    _, predictions = evaluator(parallel.replicate(trained.variables), collect=True)
+    data_dir = wd.config().data_dir
+    records = [evaluator.source[int(i)] for i in predictions["index"]]
+    files = [os.path.join(data_dir, r["file_name"].decode()) for r in records]
+    texts = [r["text"].decode() for r in records]
+    return files, texts, predictions["probs"]

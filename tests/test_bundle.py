@@ -12,52 +12,58 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import without_shared_cache
-from tests.test_eval_report import REPO, _env, _read_csv, trained_run  # noqa: F401
+from tests.support import REPO, without_shared_cache
+from tests.support import env as _env
+from tests.support import read_csv as _read_csv
 
 TRAINING_ONLY = ("orbax", "grain", "tensorflow_datasets", "optax")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(trained_run, tmp_path_factory):  # noqa: F811
+def bundle_dir(trained_run, tmp_path_factory):
     """The demo run exported without its temperature, so probabilities compare with the raw
     ones of evaluation (the calibrated path has its own test below)."""
-    from jaxmm import bundle_writer, paths
+    from jaxmm import bundle
 
-    root = tmp_path_factory.mktemp("bundle")
-    run = str(root / "run")
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(
-        paths.CALIBRATION_FILE, paths.JAX_CACHE_DIR))
-    out = str(root / "garbage")
-    bundle_writer.export_run(run, out, "best")
+    out = str(tmp_path_factory.mktemp("bundle") / "garbage")
+    bundle.export_run(trained_run, out, "best", calibrated=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def expected(trained_run):  # noqa: F811
+def expected(test_split):
     """Test-split probabilities of jaxmm's evaluation, with the raw file of every example."""
-    from jaxmm import restore, scoring
+    return test_split
 
-    evaluator = scoring.SplitEvaluator(restore.load_run(trained_run, "best", axis_name="batch"),
-                                       "test")
-    run = evaluator.run
-    _, predictions = evaluator(collect=True)
-    files = [os.path.join(run.config.data_dir, evaluator.source[int(i)]["file_name"].decode())
-             for i in predictions["index"]]
-    texts = [evaluator.source[int(i)]["text"].decode() for i in predictions["index"]]
-    return files, texts, predictions["probs"]
+
+def _rewrite_spec(copy, change):
+    """Changes model.json as a tool that re-digests it would (so only the field checks can
+    catch the change)."""
+    from jaxmm import bundle, paths
+
+    path = os.path.join(copy, paths.BUNDLE_SPEC_FILE)
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    change(record)
+    record["digests"]["model"] = bundle.json_digest(record["model"])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f)
 
 
 def test_bundle_is_self_describing_and_pickle_free(bundle_dir):
     from jaxmm import bundle, paths
 
-    spec = bundle.read_spec(bundle_dir)
+    spec = bundle.read_record(bundle_dir)
     assert spec["format_version"] == bundle.FORMAT_VERSION
     assert spec["function"]["platforms"] == ["cpu", "cuda"]
-    assert spec["calibration"] is None  # exported without the run's calibration.json
-    pre = spec["preprocessing"]
-    assert (pre["stored_size"], pre["crop_size"], pre["text"]["max_text_length"]) == (40, 32, 16)
-    assert spec["versions"]["jax"] and spec["architecture"]["image_arch"] == "tiny"
+    assert spec["model"]["calibration"] is None  # exported without the run's calibration.json
+    pre = spec["model"]["preprocessing"]
+    assert (pre["stored_size"], pre["crop_size"], pre["max_text_length"]) == (40, 32, 16)
+    assert spec["versions"]["jax"] and spec["versions"]["pillow"]
+    assert spec["model"]["architecture"]["image_arch"] == "tiny"
+    assert spec["model_id"].startswith("jaxmm-") and set(spec["digests"]) >= {
+        "model", paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
+        f"{paths.TOKENIZER_DIR}/tokenizer.json"}
     weights = bundle.read_weights(bundle_dir, spec)
     assert set(weights) == {"params", "batch_stats"} and "head" in weights["params"]
     names = set(os.listdir(bundle_dir))
@@ -85,15 +91,15 @@ def test_bundle_probabilities_equal_evaluation(bundle_dir, expected, engine):
     np.testing.assert_allclose(clf.predict(files[:8]).probs, probs[:8], atol=1e-5)
 
 
-def test_tokenizer_matches_the_runs_transformers_tokenizer(bundle_dir, trained_run):  # noqa: F811
-    from jaxmm import bundle, restore
+def test_tokenizer_matches_the_runs_transformers_tokenizer(bundle_dir, trained_run):
+    from jaxmm import bundle, classifier
     from jaxmm.data import transforms
+    from jaxmm.workdir import Workdir
 
-    run = restore.load_run(trained_run, "best")
+    tokenizer = Workdir(trained_run).tokenizer()
     texts = ["plastic bottle", "", "glass jar " * 20, "Égg shells, ÜBER-long!", "x"]
-    want = transforms.TokenizeBatch(run.tokenizer, 16)({"text": list(texts)})
-    spec = bundle.read_spec(bundle_dir)
-    ids, mask = bundle.Tokenizer(bundle_dir, spec["preprocessing"]["text"])(texts)
+    want = transforms.TokenizeBatch(tokenizer, 16)({"text": list(texts)})
+    ids, mask = classifier.Tokenizer(bundle_dir, bundle.read_record(bundle_dir))(texts)
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
 
@@ -121,12 +127,7 @@ def test_calibration_temperature_divides_the_logits(bundle_dir, expected, tmp_pa
 
     copy = str(tmp_path / "calibrated")
     shutil.copytree(bundle_dir, copy, ignore=shutil.ignore_patterns(paths.JAX_CACHE_DIR))
-    spec_path = os.path.join(copy, paths.BUNDLE_SPEC_FILE)
-    with open(spec_path) as f:
-        spec = json.load(f)
-    spec["calibration"] = {"temperature": 2.5}
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
+    _rewrite_spec(copy, lambda r: r["model"].update(calibration={"temperature": 2.5}))
     files, texts, probs = expected
     got = jaxmm.Classifier.load(copy, cache_dir="").predict(files[:4], texts[:4]).probs
     z = np.log(probs[:4]) / 2.5
@@ -153,16 +154,52 @@ def _newer_version(copy):
 
 
 def _wrong_shape(copy):
+    """Weights of another shape, with model.json re-digested: the shape check catches it."""
     from safetensors.numpy import load_file, save_file
 
-    from jaxmm import paths
+    from jaxmm import bundle, paths
 
     path = os.path.join(copy, paths.BUNDLE_WEIGHTS_FILE)
     flat = load_file(path)
     hidden, classes = flat["params/head/out/kernel"].shape
     flat["params/head/out/kernel"] = np.zeros((hidden, classes + 1), np.float32)
     save_file(flat, path)
-    return paths.BUNDLE_WEIGHTS_FILE, f"params/head/out/kernel has shape ({hidden}, {classes + 1})"
+    digest = bundle.file_digest(path)
+    _rewrite_spec(copy, lambda r: r["digests"].update({paths.BUNDLE_WEIGHTS_FILE: digest}))
+    return (paths.BUNDLE_WEIGHTS_FILE,
+            f"params/head/out/kernel is float32 [{hidden}, {classes + 1}]")
+
+
+def _changed_weights(copy):
+    from safetensors.numpy import load_file, save_file
+
+    from jaxmm import paths
+
+    path = os.path.join(copy, paths.BUNDLE_WEIGHTS_FILE)
+    flat = load_file(path)
+    flat["params/head/out/bias"] = flat["params/head/out/bias"] + 1.0
+    save_file(flat, path)
+    return paths.BUNDLE_WEIGHTS_FILE, "changed after export"
+
+
+def _reordered_classes(copy):
+    from jaxmm import paths
+
+    path = os.path.join(copy, paths.BUNDLE_SPEC_FILE)
+    record = json.load(open(path))
+    record["model"]["class_names"] = record["model"]["class_names"][::-1]
+    json.dump(record, open(path, "w"))
+    return paths.BUNDLE_SPEC_FILE, "changed after export"
+
+
+def _swapped_tokenizer(copy):
+    from jaxmm import paths
+
+    path = os.path.join(copy, paths.TOKENIZER_DIR, "tokenizer.json")
+    record = json.load(open(path))
+    record["model"]["vocab"] = dict(reversed(list(record["model"]["vocab"].items())))
+    json.dump(record, open(path, "w"))
+    return f"{paths.TOKENIZER_DIR}/tokenizer.json", "changed after export"
 
 
 def _missing(name):
@@ -175,8 +212,9 @@ def _missing(name):
 
 
 @pytest.mark.parametrize("damage", [
-    _newer_version, _wrong_shape, _missing("model.json"), _missing("weights.safetensors"),
-    _missing("predict.jaxexport"), _missing("tokenizer")], ids=lambda f: f.__name__)
+    _newer_version, _wrong_shape, _changed_weights, _reordered_classes, _swapped_tokenizer,
+    _missing("model.json"), _missing("weights.safetensors"), _missing("predict.jaxexport"),
+    _missing("tokenizer")], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("engine", ["exported", "model"])
 def test_bad_bundles_fail_in_one_line_naming_the_file(bundle_dir, tmp_path, damage, engine):
     import jaxmm
@@ -184,14 +222,11 @@ def test_bad_bundles_fail_in_one_line_naming_the_file(bundle_dir, tmp_path, dama
 
     copy = _broken_copy(bundle_dir, tmp_path, "broken")
     name, words = damage(copy)
-    if engine == "model" and name == "predict.jaxexport":
-        jaxmm.Classifier.load(copy, engine="model", cache_dir="")  # not needed there
-        return
     with pytest.raises(bundle.BundleError) as info:
         jaxmm.Classifier.load(copy, engine=engine, cache_dir="")
     message = str(info.value)
-    assert "\n" not in message and words in message
-    assert os.path.join(copy, name.split("/")[0]) in message
+    assert "\n" not in message and words in message, message
+    assert os.path.join(copy, name.split("/")[0]) in message, message
 
 
 def test_bundle_path_imports_no_training_package_and_caches_compilation(bundle_dir, expected,
@@ -199,20 +234,23 @@ def test_bundle_path_imports_no_training_package_and_caches_compilation(bundle_d
     files, texts, probs = expected
     copy = str(tmp_path / "fresh")
     shutil.copytree(bundle_dir, copy)
+    environ = dict(without_shared_cache(_env(1)), XDG_CACHE_HOME=str(tmp_path / "cache"))
     script = (
         "import sys, json, jaxmm\n"
         "assert 'jax' not in sys.modules, 'import jaxmm imports jax'\n"
         f"p = jaxmm.Classifier.load({copy!r}).predict([{files[0]!r}], [{texts[0]!r}]).probs\n"
         "print(json.dumps({'probs': p.tolist(), 'modules': sorted(sys.modules)}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=without_shared_cache(_env(1)),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=environ, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(result["probs"][0], probs[0], atol=1e-5)
     roots = {m.split(".")[0] for m in result["modules"]}
     assert not roots & set(TRAINING_ONLY + ("flax", "transformers")), roots & set(TRAINING_ONLY)
-    cache = os.path.join(copy, "jax_cache")
+    # The compiled programs stay on the user's side; the bundle holds no native code.
+    cache = tmp_path / "cache" / "jaxmm" / "jax_cache"
     assert os.path.isdir(cache) and os.listdir(cache)  # the next start reuses the compilation
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(bundle_dir))
 
 
 def _predict(*args):

@@ -1,6 +1,6 @@
 """Calibration and explanations of a trained run: the temperature fitted at the end of training,
 calibrated metrics in evaluation, ``--no_calibration``, and explanation figures of evaluate and
-predict. Uses the tiny demo run of test_eval_report.py."""
+predict. Uses the tiny demo run shared by conftest.py."""
 
 import json
 import os
@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_eval_report import _read_csv, trained_run  # noqa: F401 (fixture)
+from tests.support import read_csv as _read_csv
 
 
 @pytest.fixture(scope="module")
-def validation(trained_run):  # noqa: F811
+def validation(trained_run):
     from jaxmm import eval_report
 
     calibrated = eval_report.evaluate_run(trained_run, "validation", explain_first=2)
@@ -23,13 +23,14 @@ def validation(trained_run):  # noqa: F811
     return calibrated, raw, calibrated_rows
 
 
-def test_training_fits_a_temperature_on_validation(trained_run):  # noqa: F811
-    from jaxmm import calibration, paths
+def test_training_fits_a_temperature_on_validation(trained_run):
+    from jaxmm import paths
+    from jaxmm.workdir import Workdir
 
     with open(os.path.join(trained_run, paths.CALIBRATION_FILE)) as f:
         record = json.load(f)
     assert record["split"] == "validation" and record["num_examples"] == 10
-    assert calibration.workdir_temperature(trained_run) == record["temperature"] > 0
+    assert Workdir(trained_run).temperature() == record["temperature"] > 0
     # T = 1 is a candidate of the fit, so the fitted T cannot do worse on the data it saw.
     assert record["after"]["nll"] <= record["before"]["nll"] + 1e-9
 
@@ -63,24 +64,27 @@ def test_evaluation_explains_errors_and_first_examples(validation):
     assert os.path.isfile(os.path.join(calibrated["out_dir"], "reliability_diagram.png"))
 
 
-def test_predict_explains_files_with_calibrated_probabilities(trained_run, tmp_path):  # noqa: F811
-    from jaxmm import calibration, classify, restore
+def test_predict_explains_files_with_calibrated_probabilities(trained_run, tmp_path):
+    from jaxmm import calibration, classify
+    from jaxmm.workdir import Workdir
 
-    run = restore.load_run(trained_run, "best")
-    source = os.path.join(run.config.data_dir, "CVPR_2024_dataset_Test")
+    wd = Workdir(trained_run)
+    raw_model, run = wd.load_model("best", calibrated=False), wd.load_model("best")
+    source = os.path.join(wd.config().data_dir, "CVPR_2024_dataset_Test")
     images = sorted(os.path.join(root, n) for root, _, names in os.walk(source)
                     for n in names)[:3]
     files = []
     for k, path in enumerate(images):  # one folder each: two classes may share a file name
         os.makedirs(tmp_path / str(k))
         files.append(shutil.copy(path, tmp_path / str(k)))
-    temperature = calibration.workdir_temperature(trained_run)
-    raw, _ = classify.predict_files(classify.Predictor(run, 4), files)
-    cal, _ = classify.predict_files(classify.Predictor(run, 4, temperature), files)
+    temperature = wd.temperature()
+    assert run.spec.temperature == temperature
+    raw, _ = classify.predict_files(classify.Predictor(raw_model, 4), files)
+    cal, _ = classify.predict_files(classify.Predictor(run, 4), files)
     p = lambda rows: np.array([[r[f"p_{c}"] for c in run.class_names] for r in rows])
     np.testing.assert_allclose(p(cal), calibration.softmax(np.log(p(raw)), temperature),
                                atol=2e-5)
-    written = classify.explain_files(classify.Predictor(run, 4, temperature), cal,
+    written = classify.explain_files(classify.Predictor(run, 4), cal,
                                      str(tmp_path / "why"))
     assert len(written) == 4 and written[-1].endswith("gallery.png")
     assert all(open(w, "rb").read(4) == b"\x89PNG" for w in written)

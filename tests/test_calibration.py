@@ -92,14 +92,24 @@ def test_record_roundtrip_and_bad_file(tmp_path):
     logits, labels = calibrated_logits(n=500, seed=3)
     record = calibration.calibration_record(2.0 * logits, labels, 2.0)
     assert set(record["before"]) == set(record["after"]) == {"ece", "nll", "brier"}
-    path = calibration.save_calibration(str(tmp_path / "calibration.json"), record)
+    from jaxmm.errors import WorkdirError
+    from jaxmm.workdir import Workdir
+
+    wd = Workdir(str(tmp_path))
+    path = wd.write_calibration(record)
     assert json.loads(open(path).read())["num_examples"] == 500
-    assert calibration.load_calibration(path) == 2.0
-    assert calibration.load_calibration(str(tmp_path / "missing.json")) is None
-    for bad in ('{"temperature": -1}', '{"temp": 2}', "not json", '{"temperature": true}'):
-        (tmp_path / "bad.json").write_text(bad)
-        with pytest.raises(ValueError, match=r"bad\.json.*temperature"):
-            calibration.load_calibration(str(tmp_path / "bad.json"))
+    assert wd.temperature() == 2.0
+    assert Workdir(str(tmp_path / "missing")).temperature() is None
+    for bad in ('{"temperature": -1}', '{"temp": 2}', '{"temperature": true}',
+                '{"temperature": NaN}', '{"temperature": Infinity}', '{"temperature": "2"}',
+                '{"temperature": [2]}', '{"temperature": 0}'):
+        (tmp_path / "calibration.json").write_text(bad)
+        with pytest.raises(WorkdirError, match=r"calibration\.json: calibration\.temperature "
+                                               r"must be a finite positive number"):
+            wd.temperature()
+    (tmp_path / "calibration.json").write_text("not json")
+    with pytest.raises(WorkdirError, match=r"calibration\.json: not readable"):
+        wd.temperature()
 
 
 def test_reliability_diagram_writes_png(tmp_path):

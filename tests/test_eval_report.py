@@ -2,8 +2,7 @@
 scikit-learn's, figures, a fresh process reproducing the training run's validation numbers, the
 modality ablation and one-line errors.
 
-A tiny demo run is trained once per pytest run (``trained_run``) and shared with
-test_classify.py.
+Uses the tiny demo run trained once per pytest run (conftest's ``trained_run``).
 """
 
 import json
@@ -16,46 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Split sizes of the tiny demo data: validation 10, test 16; neither divides the eval batch 12.
-TINY = {"per_class": 12, "eval_batch_size": 12, "val_size": 10, "test_size": 16}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import support
 
-
-def _tiny_config(root):
-    from configs import demo
-
-    c = demo.get_config()
-    c.data_dir = os.path.join(root, "data")
-    c.demo.per_class = TINY["per_class"]
-    c.demo.max_side = 64
-    c.stored_image_size = 40
-    c.image_size = 32
-    c.batch_size = 8
-    c.eval_batch_size = TINY["eval_batch_size"]
-    c.num_epochs = 2
-    c.model.modality_dropout = 0.2
-    c.checkpoint_every_steps = 100
-    return c
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """Workdir of a tiny demo run trained on 4 fake devices (trained once per pytest run)."""
-    from jaxmm import loop
-
-    root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
-    workdir = str(root / "run")
-    # Other test modules import this fixture; the summary file marks a finished run to reuse.
-    if not os.path.exists(os.path.join(workdir, "train_summary.json")):
-        loop.train_and_evaluate(_tiny_config(str(root)), workdir)
-    return workdir
-
-
-def _env(devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("JAX_COORDINATOR_ADDRESS", None)
-    return env
+TINY = support.TINY
+REPO = support.REPO
+_env = support.env
+_read_csv = support.read_csv
 
 
 def _evaluate_cmd(workdir, *args, devices=4, extra_env=None):
@@ -69,13 +34,6 @@ def _finish(proc, timeout=600):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return out
-
-
-def _read_csv(path):
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +140,13 @@ def test_ablation_rows_and_masked_modalities(trained_run):
 
 
 def test_user_errors(trained_run, tmp_path):
-    from jaxmm import eval_report, restore
+    from jaxmm import eval_report
+    from jaxmm.workdir import Workdir
 
     with pytest.raises(FileNotFoundError, match="no '999' checkpoint"):
-        restore.load_run(trained_run, "999")
+        Workdir(trained_run).load_model("999")
     with pytest.raises(ValueError, match="--checkpoint must be"):
-        restore.load_run(trained_run, "newest")
+        Workdir(trained_run).load_model("newest")
     with pytest.raises(ValueError, match="not a subset"):
         eval_report.evaluate_run(trained_run, "validation", modalities=["audio"])
     proc = _evaluate_cmd(str(tmp_path / "missing"))
@@ -225,34 +184,31 @@ def test_two_processes_match_one_process(trained_run, test_eval, tmp_path):
 
 
 def test_ablation_notes_without_modality_dropout_or_second_tower():
-    from types import SimpleNamespace
-
     from jaxmm import eval_report
 
     metrics = {"num_examples": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
                "weighted_f1": 1.0, "loss": 0.1}
 
     class Evaluator:
-        def __init__(self, modalities, dropout):
-            model = SimpleNamespace(get=lambda key, default: dropout)
-            self.run = SimpleNamespace(modalities=modalities,
-                                       config=SimpleNamespace(model=model))
+        def __init__(self, modalities):
+            self.modalities = modalities
 
-        def __call__(self, modalities):
+        def __call__(self, variables, modalities):
             return metrics, None
 
-    rows, notes = eval_report.run_ablation(Evaluator(("text",), 0.1))
+    rows, notes = eval_report.run_ablation(Evaluator(("text",)), None, 0.1)
     assert rows is None and "not applicable" in notes[0] and "text" in notes[0]
-    rows, notes = eval_report.run_ablation(Evaluator(("image", "text"), 0.0))
+    rows, notes = eval_report.run_ablation(Evaluator(("image", "text")), None, 0.0)
     assert len(rows) == 3 and "modality_dropout=0" in notes[0]
 
 
 def test_checkpoint_choices(trained_run):
-    from jaxmm import checkpointing, restore
+    from jaxmm import checkpointing
+    from jaxmm.workdir import Workdir
 
     have = checkpointing.available(trained_run)
-    assert restore.load_run(trained_run, "latest").step == have["latest"]
-    assert restore.load_run(trained_run, str(have["all"][0])).step == have["all"][0]
+    assert Workdir(trained_run).load_model("latest").step == have["latest"]
+    assert Workdir(trained_run).load_model(str(have["all"][0])).step == have["all"][0]
 
 
 def test_each_checkpoint_keeps_its_own_reports(trained_run):
@@ -277,8 +233,9 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
                                                            monkeypatch):
     from sklearn import metrics as sk
 
-    from jaxmm import eval_report, restore
+    from jaxmm import eval_report
     from jaxmm.data import dedup
+    from jaxmm.workdir import Workdir
 
     rows = _read_csv(os.path.join(test_eval["out_dir"], "predictions.csv"))
     planted = {rows[i]["file"] for i in (0, 3, 5)}
@@ -296,7 +253,7 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
     assert sub["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
     assert sub["macro_f1"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro",
                                                         zero_division=0))
-    weights = restore.load_run(trained_run).class_weights
+    weights = np.asarray(Workdir(trained_run).read_record()["class_weights"])
     # predictions.csv holds calibrated probabilities; the loss is of the raw ones, and
     # log p_cal = log p_raw / T + const, so p_raw is proportional to p_cal ** T.
     temperature = test_eval["metrics"]["calibration"]["temperature"] or 1.0

@@ -7,7 +7,7 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
-from jaxmm.data import pipeline, transforms
+from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from tests.test_prepare import demo_dataset
 
@@ -147,7 +147,7 @@ def test_eval_has_no_augmentation(tok):
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(one, two, strict=True))
     expected = np.asarray(transforms.center_crop(transforms.as_pil(src[0]["image"]), 40))
     assert np.array_equal(one[0]["image"][0], expected)
-    meta = pipeline.dataset_meta(ds_dir)
+    meta = prepared.dataset_meta(ds_dir)
     assert meta["num_examples"]["validation"] == len(src)
     assert sum(meta["counts"]["train"].values()) == meta["num_examples"]["train"]
 

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from jaxmm import checkpointing, errors, lock, loop, paths, run_record
+from jaxmm import checkpointing, errors, lock, loop, paths
+from jaxmm.data import prepared
 from tests.test_loop import tiny_config
 
 
@@ -172,12 +173,12 @@ def test_keeping_no_checkpoint_is_refused(data_dir, tmp_path):
 def test_the_data_record_names_what_changed():
     old = {"fingerprint": "a", "class_names": ["x", "y"], "num_examples": {"train": 10},
            "counts": {"train": {"x": 4, "y": 6}}, "options": {"stored_image_size": 80}}
-    assert run_record.data_changes(old, old) == []
+    assert prepared.data_changes(old, old) == []
     new = json.loads(json.dumps(old))
     new["fingerprint"] = "b"
-    assert "raw files" in run_record.data_changes(old, new)[0]
+    assert "raw files" in prepared.data_changes(old, new)[0]
     new["counts"]["train"]["x"] = 5
     new["options"]["stored_image_size"] = 96
-    assert run_record.data_changes(old, new) == ["counts.train.x: 4 -> 5",
+    assert prepared.data_changes(old, new) == ["counts.train.x: 4 -> 5",
                                                  "options.stored_image_size: 80 -> 96"]
 

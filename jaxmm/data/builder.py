@@ -16,6 +16,7 @@ from tqdm import tqdm
 from jaxmm import paths
 from jaxmm.data import captions as captions_lib
 from jaxmm.data import dedup, transforms
+from jaxmm.data.transforms import EncodeOptions
 from jaxmm.errors import PrepareError
 
 DATASET_NAME = paths.DATASET_NAME
@@ -28,16 +29,6 @@ class Sample:
     rel_path: str
     label: int
     text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeOptions:
-    """How images are stored."""
-
-    size: int = 256
-    fmt: str = "jpeg"
-    quality: int = 95
-    max_pixels: int = 50_000_000
 
 
 class GarbageDataset(tfds.core.GeneratorBasedBuilder):

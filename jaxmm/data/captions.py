@@ -12,28 +12,57 @@ import re
 
 TEXT_SOURCES = ("filename", "caption", "both")
 
-# Letters in any script survive (unicode names); digits, '_' and punctuation (hyphens too, as in
-# the authors' rule: "non-stretchy" -> "nonstretchy") are removed.
-_NON_LETTER = re.compile(r"[^\w\s]|[\d_]")
-_SPACES = re.compile(r"\s+")
+# The dataset authors' file-name rule as data: the steps, in order, applied to the file's base
+# name without its extension. Regular expressions are Python ``re`` patterns on ``str`` (Unicode):
+# letters in any script survive; digits, '_' and punctuation (hyphens too, as in the authors'
+# rule: "non-stretchy" -> "nonstretchy") are removed. An export bundle records this tuple, so a
+# client in any language can apply the same rule; ``apply_text_rule`` is jaxmm's own reading.
+FILENAME_RULE = (
+    ("lower",),
+    ("replace", "_", " "),
+    ("regex_sub", r"[^\w\s]|[\d_]", ""),
+    ("regex_sub", r"\s+", " "),
+    ("strip",),
+)
+
 
 # Caption files are looked up by split folder suffix: train_image_descriptions.csv, ...
 CAPTION_FILE = "{}_image_descriptions.csv"
 
 
-def text_from_filename(file_name: str) -> str:
+def apply_text_rule(rule, text: str) -> str:
+    """Applies the steps of a text rule (see ``FILENAME_RULE``) to ``text``.
+
+    Raises:
+      ValueError: a step this jaxmm does not know.
+    """
+    for step in rule:
+        op, *args = step
+        if op == "lower" and not args:
+            text = text.lower()
+        elif op == "strip" and not args:
+            text = text.strip()
+        elif op == "replace" and len(args) == 2:
+            text = text.replace(*args)
+        elif op == "regex_sub" and len(args) == 2:
+            text = re.sub(args[0], args[1], text)
+        else:
+            raise ValueError(f"unknown text-rule step {list(step)!r}")
+    return text
+
+
+def text_from_filename(file_name: str, rule=FILENAME_RULE) -> str:
     """Applies the dataset authors' file-name text rule.
 
     Args:
       file_name: a base name or path; only the base name without extension is used.
+      rule: the steps (default: the authors' rule).
 
     Returns:
       Lower-case words separated by single spaces (may be empty).
     """
     stem = os.path.splitext(os.path.basename(file_name))[0]
-    text = stem.lower().replace("_", " ")
-    text = _NON_LETTER.sub("", text)
-    return _SPACES.sub(" ", text).strip()
+    return apply_text_rule(rule, stem)
 
 
 def caption_key(path: str) -> tuple[str, str]:
@@ -76,14 +105,15 @@ def caption_csv_path(data_dir: str, split_folder_suffix: str) -> str:
     return os.path.join(data_dir, CAPTION_FILE.format(split_folder_suffix.lower()))
 
 
-def sample_text(rel_path: str, text_source: str,
-                captions: dict[tuple[str, str], str] | None) -> tuple[str, bool]:
+def sample_text(rel_path: str, text_source: str, captions: dict[tuple[str, str], str] | None,
+                from_name=text_from_filename) -> tuple[str, bool]:
     """Text of one sample for a text source.
 
     Args:
       rel_path: image path relative to the data dir (``.../<Class>/<name>``).
       text_source: 'filename', 'caption' or 'both' (file-name text, then the caption).
       captions: join table from `load_captions`, or None when the split has no CSV.
+      from_name: the file-name rule (a model's recorded one at prediction).
 
     Returns:
       (text, from_csv): from_csv is False when the caption was requested but missing, in which
@@ -91,7 +121,7 @@ def sample_text(rel_path: str, text_source: str,
     """
     if text_source not in TEXT_SOURCES:
         raise ValueError(f"text_source must be one of {TEXT_SOURCES}, got {text_source!r}")
-    name_text = text_from_filename(rel_path)
+    name_text = from_name(rel_path)
     if text_source == "filename":
         return name_text, False
     caption = (captions or {}).get(caption_key(rel_path))

@@ -10,7 +10,6 @@ Eval: every example once, in split order, centre-cropped; the padded tail carrie
 and ``index=-1`` so each process yields the same number of batches.
 """
 
-import json
 import math
 import os
 import sys
@@ -18,7 +17,6 @@ import sys
 import grain
 import numpy as np
 
-from jaxmm import paths
 from jaxmm.data import transforms
 from jaxmm.errors import ConfigError
 
@@ -41,20 +39,6 @@ def load_splits(dataset_dir: str, splits=SPLITS) -> dict:
     b = tfds.builder_from_directory(dataset_dir)
     skip = {"image": tfds.decode.SkipDecoding()}
     return {s: b.as_data_source(s, decoders=skip) for s in splits if s in b.info.splits}
-
-
-def dataset_meta(dataset_dir: str) -> dict:
-    """Class names and counts of a prepared dataset (no record is read).
-
-    Returns:
-      dict(class_names=list[str], counts={split: {class: n}}, num_examples={split: n},
-           options={...} (how prepare stored the records: stored_image_size, image_format, ...)).
-    """
-    with open(os.path.join(dataset_dir, paths.META_FILE), encoding="utf-8") as f:
-        meta = json.load(f)
-    out = {k: meta[k] for k in ("class_names", "counts", "num_examples")}
-    out["options"] = meta.get("options", {})
-    return out
 
 
 def num_eval_batches(n: int, local_batch_size: int, process_count: int) -> int:

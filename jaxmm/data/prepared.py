@@ -218,6 +218,75 @@ def prepared_dir(config) -> str:
     return config.prepared_dir or os.path.join(config.data_dir, paths.DEFAULT_PREPARED_SUBDIR)
 
 
+def existing_dataset(config) -> str:
+    """The prepared dataset of a run's config, where prepare wrote it; never prepared here.
+
+    Raises:
+      WorkdirError: no prepared dataset there; the message names the path and the command.
+    """
+    from jaxmm.errors import WorkdirError
+
+    out_dir = prepared_dir(config)
+    recorded = paths.dataset_path(out_dir)
+    if os.path.isfile(os.path.join(recorded, paths.META_FILE)):
+        return recorded
+    command = (f"python -m jaxmm.prepare --data_dir {config.data_dir} --out_dir {out_dir} "
+               f"--stored_image_size {config.stored_image_size} --text_source "
+               f"{config.text_source}")
+    if config.class_names:
+        command += f" --class_names {','.join(config.class_names)}"
+    raise WorkdirError(f"no prepared dataset at {recorded} (where the run's config.json points);"
+                       f" evaluation never prepares data: run `{command}` first")
+
+
+def dataset_meta(dataset_dir: str) -> dict:
+    """Class names and counts of a prepared dataset (no record is read).
+
+    Returns:
+      dict(class_names=list[str], counts={split: {class: n}}, num_examples={split: n},
+           options={...} (how prepare stored the records: stored_image_size, image_format, ...)).
+    """
+    with open(os.path.join(dataset_dir, paths.META_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    out = {k: meta[k] for k in ("class_names", "counts", "num_examples")}
+    out["options"] = meta.get("options", {})
+    return out
+
+
+
+
+def data_record(dataset_dir: str, meta: dict) -> dict:
+    """What identifies a prepared dataset: fingerprint, class names, sizes, counts, options."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dataset_dir)))
+    stored = files.read_json(os.path.join(root, paths.FINGERPRINT_FILE)) or {}
+    return {"fingerprint": stored.get("fingerprint"), "class_names": list(meta["class_names"]),
+            "num_examples": dict(meta["num_examples"]), "counts": meta.get("counts", {}),
+            "options": meta.get("options", {})}
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: value}
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """The differences between two data records, as "key: old -> new" lines (fingerprint last,
+    and only when nothing else tells what changed)."""
+    changes = []
+    for section in ("class_names", "num_examples", "counts", "options"):
+        old, new = _flatten(section, saved.get(section)), _flatten(section, current.get(section))
+        changes += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+    if not changes and saved.get("fingerprint") != current.get("fingerprint"):
+        changes.append("the raw files (names, sizes or modification times; same counts): "
+                       f"fingerprint {saved.get('fingerprint')} -> {current.get('fingerprint')}")
+    return changes
+
+
 def _generate_demo(config, log) -> None:
     """Writes synthetic data into config.data_dir when the demo asks for it and it is new."""
     demo = config.get("demo", None)

@@ -8,6 +8,7 @@ This module deliberately imports neither grain nor transformers: decode workers 
 grain's worker processes) import it, and their start-up time is part of every run.
 """
 
+import dataclasses
 import io
 import os
 import warnings
@@ -22,6 +23,19 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 # Evaluation crops the central 87.5% of the shorter side (224 of 256), the ImageNet convention.
 EVAL_CROP_FRACTION = 0.875
+# Resampling filters by the names a model's preprocessing records (PIL's filters).
+RESAMPLE = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR,
+            "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """How prepare stores images: shorter side, format, JPEG quality, decode-bomb bound."""
+
+    size: int = 256
+    fmt: str = "jpeg"
+    quality: int = 95
+    max_pixels: int = 50_000_000
 
 
 def open_image(source, max_pixels: int) -> Image.Image:
@@ -72,7 +86,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_shorter(img: Image.Image, size: int, max_aspect: float = 2.0) -> Image.Image:
+def resize_shorter(img: Image.Image, size: int, max_aspect: float = 2.0,
+                   resample: str = "bicubic", reducing_gap: float | None = 3.0) -> Image.Image:
     """Resizes so the shorter side is `size`, keeping the aspect ratio.
 
     Args:
@@ -80,6 +95,8 @@ def resize_shorter(img: Image.Image, size: int, max_aspect: float = 2.0) -> Imag
       size: target shorter side.
       max_aspect: the longer side is centre-cropped to at most max_aspect * size, which bounds
         the stored size of panoramas (the real data is square or nearly so).
+      resample: a ``RESAMPLE`` filter name.
+      reducing_gap: PIL's ``reducing_gap`` (first shrink by an integer factor), or None.
 
     Returns:
       The resized image.
@@ -89,7 +106,7 @@ def resize_shorter(img: Image.Image, size: int, max_aspect: float = 2.0) -> Imag
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
         # reducing_gap first shrinks by an integer factor (fast), then resamples exactly.
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        img = img.resize((nw, nh), RESAMPLE[resample], reducing_gap=reducing_gap)
     limit = round(max_aspect * size)
     if max(nw, nh) > limit:
         left, top = (nw - min(nw, limit)) // 2, (nh - min(nh, limit)) // 2
@@ -123,8 +140,7 @@ def encode_file(args: tuple) -> tuple[bytes | None, str]:
         img = resize_shorter(to_rgb(open_image(path, max_pixels)), size)
         return encode(img, fmt, quality), ""
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "skip and report"
-        reason = str(e).splitlines()[0] if str(e) else ""
-        return None, f"{type(e).__name__}: {reason}"[:200]
+        return None, _reason(e)
 
 
 def as_pil(image) -> Image.Image:
@@ -138,15 +154,42 @@ class RawView:
     """A raw image as evaluation sees it: prepare's decode, RGB, shorter-side resize and
     re-encode at the stored size, then the centre crop (``EvalTransform``'s view).
 
+    Build it from a model's recorded preprocessing (``Preprocessing.image_view``), never by
+    hand, so that prediction sees what training saw.
+
     Args:
-      stored_size, fmt, quality, max_pixels: how prepare stored the training records.
-      crop_size: side of the model's square input.
+      stored_size, stored_format, jpeg_quality, max_pixels: how prepare stored the records.
+      resize_resample, resize_reducing_gap, max_aspect: prepare's shorter-side resize.
+      crop_size, crop_fraction, crop_resample: the evaluation centre crop.
     """
 
-    def __init__(self, stored_size: int, fmt: str, quality: int, max_pixels: int,
-                 crop_size: int):
-        self.stored = (int(stored_size), fmt, int(quality), int(max_pixels))
-        self.crop_size = int(crop_size)
+    def __init__(self, *, stored_size: int, stored_format: str, jpeg_quality: int,
+                 max_pixels: int, resize_resample: str, resize_reducing_gap: float | None,
+                 max_aspect: float, crop_size: int, crop_fraction: float, crop_resample: str):
+        self.stored = (int(stored_size), stored_format, int(jpeg_quality))
+        self.max_pixels = int(max_pixels)
+        self.resize = {"max_aspect": max_aspect, "resample": resize_resample,
+                       "reducing_gap": resize_reducing_gap}
+        self.crop = (int(crop_size), crop_fraction, crop_resample)
+
+    def stored_image(self, image) -> bytes:
+        """The encoded stored image of a path, PIL image or uint8 array, as prepare writes it.
+
+        Raises:
+          ValueError: one line, when the file cannot be decoded or the array is not an image.
+        """
+        size, fmt, quality = self.stored
+        if not isinstance(image, (str, os.PathLike)):
+            img = image if isinstance(image, Image.Image) else _array_image(image)
+            return encode(resize_shorter(to_rgb(img), size, **self.resize), fmt, quality)
+        path = os.path.abspath(image)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ValueError("empty file (0 bytes)")
+        try:
+            img = resize_shorter(to_rgb(open_image(path, self.max_pixels)), size, **self.resize)
+            return encode(img, fmt, quality)
+        except Exception as e:  # noqa: BLE001 -- any decoder failure is one line
+            raise ValueError(_reason(e)) from None
 
     def __call__(self, image) -> np.ndarray:
         """uint8 [crop, crop, 3] of a path, PIL image or uint8 array ([H, W] or [H, W, 1|3|4]).
@@ -154,15 +197,14 @@ class RawView:
         Raises:
           ValueError: one line, when the file cannot be decoded or the array is not an image.
         """
-        size, fmt, quality, max_pixels = self.stored
-        if isinstance(image, (str, os.PathLike)):
-            data, reason = encode_file((os.path.abspath(image), size, fmt, quality, max_pixels))
-            if data is None:
-                raise ValueError(reason)
-        else:
-            img = image if isinstance(image, Image.Image) else _array_image(image)
-            data = encode(resize_shorter(to_rgb(img), size), fmt, quality)
-        return np.asarray(center_crop(as_pil(data), self.crop_size))
+        size, fraction, resample = self.crop
+        return np.asarray(center_crop(as_pil(self.stored_image(image)), size, fraction,
+                                      resample))
+
+
+def _reason(e: BaseException) -> str:
+    reason = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {reason}"[:200]
 
 
 def _array_image(array) -> Image.Image:
@@ -192,15 +234,21 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -
     return img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Crops the central EVAL_CROP_FRACTION of the shorter side and resizes it to size."""
+def center_crop(img: Image.Image, size: int, fraction: float = EVAL_CROP_FRACTION,
+                resample: str = "bilinear") -> Image.Image:
+    """Crops the central ``fraction`` of the shorter side and resizes it to ``size``.
+
+    The box is (round(left), round(top), round(left + side), round(top + side)) with
+    side = min(w, h) * fraction (Python's round: half to even); when the box is already
+    size x size it is cut out, otherwise PIL resizes the box (crop and resample in one call).
+    """
     w, h = img.size
-    side = min(w, h) * EVAL_CROP_FRACTION
+    side = min(w, h) * fraction
     left, top = (w - side) / 2, (h - side) / 2
     box = (round(left), round(top), round(left + side), round(top + side))
     if box[2] - box[0] == size and box[3] - box[1] == size:
         return img.crop(box)
-    return img.resize((size, size), Image.BILINEAR, box=box)
+    return img.resize((size, size), RESAMPLE[resample], box=box)
 
 
 def color_jitter(arr: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
