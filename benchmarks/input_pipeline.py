@@ -197,8 +197,7 @@ def main(argv=None) -> dict:
     from absl import flags
     from ml_collections import ConfigDict
 
-    from jaxmm.data import builder, pipeline
-    from jaxmm.data import tokenizer as tokenizer_lib
+    from jaxmm.data import builder, pipeline, prepared
 
     flags.FLAGS.mark_as_parsed()  # grain's multiprocessing reads absl flags
     args = parse_args(argv)
@@ -206,7 +205,7 @@ def main(argv=None) -> dict:
     data_dir, ds_dir, prep_s = _prepare(args, work)
     config = ConfigDict(dict(tokenizer="", tokenizer_vocab_size=1000, seed=0, image_size=224,
                              max_text_length=32, color_jitter=0.0, num_workers=0))
-    tokenizer = tokenizer_lib.get_tokenizer(config, ds_dir)
+    tokenizer = prepared.get_tokenizer(config, ds_dir)
     scan = builder.scan(data_dir, [], "filename")
     files = [(os.path.join(data_dir, s.rel_path), s.label) for s in scan.plan["train"]]
     original = None

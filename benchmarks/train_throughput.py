@@ -50,7 +50,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default as default_config  # noqa: E402
 from jaxmm import builders, parallel  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
-from jaxmm.data import tokenizer as tokenizer_lib  # noqa: E402
 
 # Train counts of the real dataset (docs): the class weights have the real spread.
 TRAIN_COUNTS = (2111, 4355, 1991, 1743)
@@ -293,7 +292,7 @@ def measure_e2e(args, config, context, *, thread: bool = False,
     compiled, state, key = context
     trace = trace and bool(args.trace_dir)
     ds_dir = prepared_dataset(args, config)
-    tokenizer = tokenizer_lib.get_tokenizer(config, ds_dir)
+    tokenizer = prepared.get_tokenizer(config, ds_dir)
     source = pipeline.load_splits(ds_dir)["train"]
     per_epoch = len(source) // args.batch_size
     total = args.warmup + args.steps + (TRACE_STEPS if trace else 0)

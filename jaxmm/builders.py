@@ -99,7 +99,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, dataset_dir: str, wd=None)
     configured tokenizer or the WordPiece one trained on the dataset's Train texts."""
     if wd is not None and os.path.isdir(wd.file(paths.TOKENIZER_DIR)):
         return wd.tokenizer()
-    return tokenizer_lib.get_tokenizer(config, dataset_dir)
+    return prepared.get_tokenizer(config, dataset_dir)
 
 
 def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> Preprocessing:

@@ -143,7 +143,7 @@ def read_record(bundle_dir: str, verify: bool = True) -> dict:
     if version == 1:
         from jaxmm import legacy
 
-        record = legacy.upgrade_bundle(record, path)
+        record = legacy.upgrade_bundle(record, path, FORMAT_VERSION, PLATFORMS)
     try:
         check_record(record, path)
         ModelSpec.from_json(record["model"], path)
@@ -380,7 +380,7 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
         digests["model"] = json_digest(model)
         record = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            "created": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"),
             "model_id": model_id(digests), "model": model, **_interface(spec, platforms),
             "weights": {"file": paths.BUNDLE_WEIGHTS_FILE, "count": len(flat),

@@ -1,8 +1,11 @@
 """Shared plumbing of the command-line entry points: one-line errors instead of tracebacks for
 user mistakes, and quiet logging on processes other than 0.
 
-Only the project's own user-error types (``jaxmm.errors.UserError``) become one line; any other
-exception is a bug (or an unexpected failure) and keeps its traceback.
+Every entry point, absl or argparse, runs through ``run`` or ``run_argparse`` and keeps one
+exit-code rule: 0 done, 1 a user error (one line: "<prog>: error: ..."), 2 a bad flag or
+argument, 75 stopped by a signal after saving (training). Only the project's own user-error types
+(``jaxmm.errors.UserError``) become one line; any other exception is a bug (or an unexpected
+failure) and keeps its traceback.
 """
 
 import contextlib
@@ -16,6 +19,7 @@ from jaxmm.errors import UserError
 # Exceptions that mean "the input, the config or the environment is wrong" (or "the run
 # diverged"), not "jaxmm has a bug".
 USER_ERRORS = (UserError,)
+_HINT = "  (JAXMM_TRACEBACK=1 shows the traceback)"
 
 
 def _one_line(prog: str, error: BaseException) -> str:
@@ -47,6 +51,21 @@ def run(main, prog: str) -> None:
     app.run(wrapped, flags_parser=_parse_flags)
 
 
+def run_argparse(main, prog: str, argv=None) -> int:
+    """Runs an argparse entry point ``main(argv) -> int | None`` under the exit-code rule.
+
+    Returns:
+      The exit code (argparse itself exits 2 on a bad argument; a user error exits 1).
+    """
+    try:
+        return main(argv) or 0
+    except USER_ERRORS as e:
+        if os.environ.get("JAXMM_TRACEBACK"):
+            raise
+        print(_one_line(prog, e) + _HINT, file=sys.stderr)
+        return 1
+
+
 @contextlib.contextmanager
 def user_errors(prog: str):
     """Turns USER_ERRORS into one line on stderr and exit code 1."""
@@ -55,7 +74,7 @@ def user_errors(prog: str):
     except USER_ERRORS as e:
         if os.environ.get("JAXMM_TRACEBACK"):
             raise
-        print(_one_line(prog, e) + "  (JAXMM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(_one_line(prog, e) + _HINT, file=sys.stderr)
         sys.exit(1)
 
 

@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from jaxmm.errors import HubUnreachableError, PretrainedFormatError, UserError
+from jaxmm import cli
+from jaxmm.errors import HubUnreachableError, PretrainedFormatError
 
 # One weight file is enough; safetensors first because it loads without torch or TF.
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack")
@@ -82,14 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Fetches both towers and the tokenizer; user errors print one line and return 1."""
-    args = parse_args(argv)
-    try:
-        _download(args)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    return 0
+    """Fetches both towers and the tokenizer (``cli.run_argparse``'s exit codes)."""
+    return cli.run_argparse(lambda a: _download(parse_args(a)), "jaxmm.download_weights", argv)
 
 
 def _download(args: argparse.Namespace) -> None:

@@ -15,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxmm import calibration, explain, files, parallel, paths, scoring, train_log
-from jaxmm.data import dedup, pipeline, transforms
-from jaxmm.errors import ConfigError
+from jaxmm.data import dedup, pipeline, prepared, transforms
+from jaxmm.errors import ConfigError, WorkdirError
 from jaxmm.trained_model import TrainedModel
 from jaxmm.workdir import Workdir
 
@@ -194,12 +194,26 @@ ABLATION = (("image", "text"), ("image",), ("text",))
 WITHOUT_COPIES_KEY = "without_train_copies"  # metrics.json entry of exclude_test_duplicates
 
 
+def dataset_dir(wd: Workdir) -> str:
+    """The run's prepared dataset, checked against the run's classes; never prepared here.
+
+    Raises:
+      WorkdirError: no prepared dataset where the run's config points, or other classes.
+    """
+    path = prepared.existing_dataset(wd.config())
+    found = list(prepared.dataset_meta(path)["class_names"])
+    trained_on = list(wd.read_record()["class_names"])
+    if found != trained_on:
+        raise WorkdirError(f"{path} has classes {found}, the run was trained on {trained_on}")
+    return path
+
+
 def open_split(wd: Workdir, trained: TrainedModel, split: str) -> scoring.SplitEvaluator:
     """The evaluator of one split of a run's prepared dataset (never prepared here)."""
-    dataset_dir = wd.dataset_dir()
-    sources = pipeline.load_splits(dataset_dir, (split,))  # only this split's files
+    path = dataset_dir(wd)
+    sources = pipeline.load_splits(path, (split,))  # only this split's files
     if split not in sources:
-        raise ConfigError(f"{dataset_dir} has no {split!r} split")
+        raise ConfigError(f"{path} has no {split!r} split")
     record = wd.read_record()
     return scoring.SplitEvaluator(wd.config(), trained.model, trained.class_names,
                                   np.asarray(record["class_weights"], np.float32),
@@ -256,7 +270,7 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
     if exclude_test_duplicates is None:
         exclude_test_duplicates = config.get("exclude_test_duplicates", False)
     if exclude_test_duplicates and split == "test":  # from the raw probabilities
-        metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, wd.dataset_dir(),
+        metrics[WITHOUT_COPIES_KEY], note = without_train_copies(evaluator, dataset_dir(wd),
                                                                  predictions)
         notes.append(note)
     temperature = _temperature(wd, calibrated and mods == trained.modalities, notes)

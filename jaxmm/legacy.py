@@ -60,14 +60,12 @@ def upgrade_run_record(record: dict, workdir) -> dict:
     return {**record, "record_version": RECORD_VERSION, "model": spec.to_json()}
 
 
-def upgrade_bundle(record: dict, path: str) -> dict:
+def upgrade_bundle(record: dict, path: str, format_version: int, platforms) -> dict:
     """A format-1 ``model.json`` in the current format (no digests: it loads unverified).
 
     Raises:
       BundleError: a field format 1 always had is missing or malformed.
     """
-    from jaxmm.bundle import FORMAT_VERSION, PLATFORMS
-
     try:
         old, text = record["preprocessing"], record["preprocessing"]["text"]
         pre = Preprocessing(
@@ -81,13 +79,13 @@ def upgrade_bundle(record: dict, path: str) -> dict:
                    for k, v in record["weights"]["shapes"].items()}
         tokenizer = {"pad_token": text["pad_token"], "pad_id": int(text["pad_id"])}
         function = {**record["function"], "platforms": record["function"].get(
-            "platforms", list(PLATFORMS))}
+            "platforms", list(platforms))}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{path}: a format-1 bundle with a missing or malformed field "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     log.warning("%s: bundle format 1 records no content digests, so its files are not "
                 "verified; export the run again for a verified bundle", path)
-    return {"format": record["format"], "format_version": FORMAT_VERSION,
+    return {"format": record["format"], "format_version": format_version,
             "created": record.get("created"), "model_id": None, "model": spec.to_json(),
             "weights": {**record["weights"], "tensors": tensors}, "function": function,
             "tokenizer": tokenizer, "digests": None, "versions": record.get("versions", {}),

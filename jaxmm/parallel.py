@@ -244,11 +244,6 @@ def replicate(tree):
     return jax.tree.map(put, tree)
 
 
-def unreplicate_to_host(tree):
-    """Fetches the first local replica of a replicated pytree as NumPy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
-
-
 def _identity(tree):
     return tree
 

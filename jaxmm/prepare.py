@@ -11,9 +11,9 @@ reasons, images shared between splits); does nothing when OUT is up to date. The
 import argparse
 import sys
 
+from jaxmm import cli
 from jaxmm.data import captions as captions_lib
 from jaxmm.data import prepared
-from jaxmm.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,18 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; user errors print one line and exit 2."""
+def _prepare(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = tuple(n for n in args.class_names.split(",") if n)
-    try:
-        prepared.prepare(args.data_dir, args.out_dir, stored_image_size=args.stored_image_size,
-                         workers=args.workers, text_source=args.text_source, class_names=names,
-                         image_format=args.image_format)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    prepared.prepare(args.data_dir, args.out_dir, stored_image_size=args.stored_image_size,
+                     workers=args.workers, text_source=args.text_source, class_names=names,
+                     image_format=args.image_format)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``cli.run_argparse``'s exit codes)."""
+    return cli.run_argparse(_prepare, "jaxmm.prepare", argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import enum
 from jaxmm.metrics import improves
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """How a run stands: RUNNING until the loop ends it one of the other three ways."""
 
     RUNNING = "running"

@@ -32,7 +32,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxmm import files, paths
+from jaxmm import cli, files, paths
 from jaxmm.errors import ConfigError
 from jaxmm.run_state import Status
 
@@ -304,7 +304,11 @@ def task_lines(sweep_dir: str, index: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """Command line of slurm/sweep.sh; user errors print one line and exit 2."""
+    """Command line of slurm/sweep.sh (``cli.run_argparse``'s exit codes)."""
+    return cli.run_argparse(_main, "jaxmm.sweep", argv)
+
+
+def _main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -319,20 +323,15 @@ def main(argv=None) -> int:
     task.add_argument("--sweep_dir", required=True)
     task.add_argument("--index", type=int, required=True)
     args = p.parse_args(argv)
-    try:
-        if args.command == "task":
-            print("\n".join(task_lines(args.sweep_dir, args.index)))
-            return 0
-        runs = plan_runs(args.config, args.sweep, common)
-        write_manifest(args.sweep_dir, args.config, args.sweep, common, runs)
-        active = {int(i) for i in args.active.split(",") if i.strip()}
-        log = lambda line: print(line, file=sys.stderr)
-        log(f"sweep {args.sweep}: {len(runs)} run(s) in {args.sweep_dir}")
-        print(",".join(str(i) for i in to_submit(args.sweep_dir, runs, active, log)))
-    except (ValueError, OSError) as e:
-        print(f"jaxmm.sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "task":
+        print("\n".join(task_lines(args.sweep_dir, args.index)))
+        return
+    runs = plan_runs(args.config, args.sweep, common)
+    write_manifest(args.sweep_dir, args.config, args.sweep, common, runs)
+    active = {int(i) for i in args.active.split(",") if i.strip()}
+    log = lambda line: print(line, file=sys.stderr)
+    log(f"sweep {args.sweep}: {len(runs)} run(s) in {args.sweep_dir}")
+    print(",".join(str(i) for i in to_submit(args.sweep_dir, runs, active, log)))
 
 
 if __name__ == "__main__":

@@ -70,11 +70,11 @@ class Preprocessing:
     stored_format: str = "jpeg"
     jpeg_quality: int = transforms.EncodeOptions.quality
     max_pixels: int = transforms.EncodeOptions.max_pixels
-    resize_resample: str = "bicubic"
-    resize_reducing_gap: float = 3.0
-    max_aspect: float = 2.0
+    resize_resample: str = transforms.STORED_RESAMPLE
+    resize_reducing_gap: float = transforms.STORED_REDUCING_GAP
+    max_aspect: float = transforms.MAX_ASPECT
     crop_fraction: float = transforms.EVAL_CROP_FRACTION
-    crop_resample: str = "bilinear"
+    crop_resample: str = transforms.CROP_RESAMPLE
     text_rule: tuple = captions.FILENAME_RULE
 
     def image_view(self) -> transforms.RawView:

@@ -110,8 +110,6 @@ class Workdir:
           WorkdirError: one line; the class list differs, or the data changed and is not
             allowed to.
         """
-        from jaxmm.data import prepared
-
         record = self.record()
         path = self.file(paths.CONFIG_FILE)
         if record is None:
@@ -127,7 +125,7 @@ class Workdir:
             log.warning("%s records no data fingerprint; the data of this resume is not "
                         "checked", path)
             return
-        changes = prepared.data_changes(record["data"], data)
+        changes = data_changes(record["data"], data)
         if not changes:
             return
         named = "; ".join(changes[:_MAX_NAMED]) + (
@@ -260,10 +258,10 @@ class Workdir:
         Returns:
           The TrainedModel; its variables are NumPy arrays on the host.
         """
-        from jaxmm import checkpointing
+        from jaxmm import restoring
 
         spec = self.spec(calibrated)
-        variables, step = checkpointing.restore_model(self.path, parse_checkpoint(checkpoint))
+        variables, step = restoring.restore_model(self.path, parse_checkpoint(checkpoint))
         variables = {"params": variables["params"],
                      "batch_stats": variables.get("batch_stats") or {}}
         model = spec.build_model(axis_name)
@@ -272,22 +270,28 @@ class Workdir:
                         WorkdirError)
         return TrainedModel(spec, model, variables, self.tokenizer(), step)
 
-    def dataset_dir(self) -> str:
-        """The run's prepared dataset (to evaluate a split), checked against the run's classes.
-        It is never prepared here.
 
-        Raises:
-          WorkdirError: no prepared dataset where the run's config points, or other classes.
-        """
-        from jaxmm.data import prepared
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: value}
 
-        record = self.read_record()
-        dataset_dir = prepared.existing_dataset(self.config())
-        found = list(prepared.dataset_meta(dataset_dir)["class_names"])
-        if found != list(record["class_names"]):
-            raise WorkdirError(f"{dataset_dir} has classes {found}, the run was trained on "
-                               f"{record['class_names']}")
-        return dataset_dir
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """The differences between two data records, as "key: old -> new" lines (fingerprint last,
+    and only when nothing else tells what changed)."""
+    changes = []
+    for section in ("class_names", "num_examples", "counts", "options"):
+        old, new = _flatten(section, saved.get(section)), _flatten(section, current.get(section))
+        changes += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+    if not changes and saved.get("fingerprint") != current.get("fingerprint"):
+        changes.append("the raw files (names, sizes or modification times; same counts): "
+                       f"fingerprint {saved.get('fingerprint')} -> {current.get('fingerprint')}")
+    return changes
 
 
 def shapes_of(tree) -> dict:

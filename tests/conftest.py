@@ -50,6 +50,17 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundle_dir(trained_run, tmp_path_factory):
+    """The shared run exported as a bundle without its temperature, so probabilities compare
+    with the raw ones of evaluation (calibrated bundles are made where a test needs one)."""
+    from jaxmm import bundle
+
+    out = str(tmp_path_factory.mktemp("bundle") / "garbage")
+    bundle.export_run(trained_run, out, "best", calibrated=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def test_split(trained_run):
     """The test split of the shared run as jaxmm's evaluation sees it: each example's raw file,
     text and raw (uncalibrated) probabilities of the best checkpoint."""

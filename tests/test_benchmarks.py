@@ -108,8 +108,7 @@ def test_gpu_suite_script_is_valid_bash():
 def test_input_pipeline_measures_startup_and_steady_state():
     from ml_collections import ConfigDict
 
-    from jaxmm.data import pipeline
-    from jaxmm.data import tokenizer as tokenizer_lib
+    from jaxmm.data import pipeline, prepared
     from tests.test_prepare import demo_dataset
 
     ip = _load("input_pipeline")
@@ -119,7 +118,7 @@ def test_input_pipeline_measures_startup_and_steady_state():
     _, ds_dir = demo_dataset()
     config = ConfigDict(dict(tokenizer="", seed=0, image_size=24, max_text_length=8,
                              color_jitter=0.0, num_workers=0))
-    tok = tokenizer_lib.get_tokenizer(config, ds_dir)
+    tok = prepared.get_tokenizer(config, ds_dir)
     source = pipeline.load_splits(ds_dir)["train"]
     args = ip.parse_args(["--grain_workers", "0", "--repeats", "2", "--steady_batches", "3",
                           "--batch_size", "4"])

@@ -20,17 +20,6 @@ TRAINING_ONLY = ("orbax", "grain", "tensorflow_datasets", "optax")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(trained_run, tmp_path_factory):
-    """The demo run exported without its temperature, so probabilities compare with the raw
-    ones of evaluation (the calibrated path has its own test below)."""
-    from jaxmm import bundle
-
-    out = str(tmp_path_factory.mktemp("bundle") / "garbage")
-    bundle.export_run(trained_run, out, "best", calibrated=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def expected(test_split):
     """Test-split probabilities of jaxmm's evaluation, with the raw file of every example."""
     return test_split

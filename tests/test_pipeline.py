@@ -8,7 +8,6 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from jaxmm.data import pipeline, prepared, transforms
-from jaxmm.data import tokenizer as tokenizer_lib
 from tests.test_prepare import demo_dataset
 
 
@@ -31,7 +30,7 @@ class FakeSource:
 @pytest.fixture(scope="module")
 def tok():
     _, ds_dir = demo_dataset()
-    return tokenizer_lib.get_tokenizer(ConfigDict(dict(tokenizer="")), ds_dir)
+    return prepared.get_tokenizer(ConfigDict(dict(tokenizer="")), ds_dir)
 
 
 def _config(**kw):

@@ -150,7 +150,7 @@ def test_user_errors(raw_small, tmp_path, capsys):
         prepared.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
     code = prepare_cli.main(["--data_dir", str(raw), "--out_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "CVPR_2024_dataset_Test" in err
+    assert code == 1 and err.count("\n") == 1 and "CVPR_2024_dataset_Test" in err
     (raw / "CVPR_2024_dataset_Test").mkdir()
     with pytest.raises(PrepareError, match="holds no images"):
         prepared.prepare(str(raw), str(tmp_path / "o"), log=lambda s: None)
@@ -225,7 +225,8 @@ def test_bad_options_and_out_dir_are_one_line(raw_small, tmp_path, capsys):
                  ["--stored_image_size", "32", "--out_dir", str(afile / "sub")]):
         code = prepare_cli.main(["--data_dir", raw_small, "--workers", "1", *args])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith("jaxmm.prepare: error: "), err
     assert "a_file" in err and afile.read_text() == "x"
 
 

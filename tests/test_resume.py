@@ -11,6 +11,7 @@ import pytest
 
 from jaxmm import checkpointing, errors, lock, loop, paths
 from jaxmm.data import prepared
+from jaxmm.workdir import data_changes
 from tests.test_loop import tiny_config
 
 
@@ -20,7 +21,6 @@ class _Killed(Exception):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from jaxmm.data import prepared
 
     path = str(tmp_path_factory.mktemp("demo_data"))
     prepared.ensure_prepared(tiny_config(path))
@@ -173,12 +173,12 @@ def test_keeping_no_checkpoint_is_refused(data_dir, tmp_path):
 def test_the_data_record_names_what_changed():
     old = {"fingerprint": "a", "class_names": ["x", "y"], "num_examples": {"train": 10},
            "counts": {"train": {"x": 4, "y": 6}}, "options": {"stored_image_size": 80}}
-    assert prepared.data_changes(old, old) == []
+    assert data_changes(old, old) == []
     new = json.loads(json.dumps(old))
     new["fingerprint"] = "b"
-    assert "raw files" in prepared.data_changes(old, new)[0]
+    assert "raw files" in data_changes(old, new)[0]
     new["counts"]["train"]["x"] = 5
     new["options"]["stored_image_size"] = 96
-    assert prepared.data_changes(old, new) == ["counts.train.x: 4 -> 5",
+    assert data_changes(old, new) == ["counts.train.x: 4 -> 5",
                                                  "options.stored_image_size: 80 -> 96"]
 

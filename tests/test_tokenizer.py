@@ -6,6 +6,7 @@ import pytest
 import transformers
 from ml_collections import ConfigDict
 
+from jaxmm.data import prepared
 from jaxmm.data import tokenizer as tokenizer_lib
 from tests.test_prepare import demo_dataset
 
@@ -28,19 +29,19 @@ def test_trained_wordpiece_is_distilbert_compatible(tmp_path):
 def test_get_tokenizer_trains_once_then_loads():
     _, ds_dir = demo_dataset()
     config = ConfigDict(dict(tokenizer="", tokenizer_vocab_size=300))
-    tok = tokenizer_lib.get_tokenizer(config, ds_dir)
+    tok = prepared.get_tokenizer(config, ds_dir)
     path = os.path.join(ds_dir, "tokenizer", "tokenizer.json")
     mtime = os.path.getmtime(path)
-    again = tokenizer_lib.get_tokenizer(config, ds_dir)
+    again = prepared.get_tokenizer(config, ds_dir)
     assert os.path.getmtime(path) == mtime and again.get_vocab() == tok.get_vocab()
     config.tokenizer = os.path.join(ds_dir, "tokenizer")
-    assert tokenizer_lib.get_tokenizer(config, ds_dir).get_vocab() == tok.get_vocab()
+    assert prepared.get_tokenizer(config, ds_dir).get_vocab() == tok.get_vocab()
 
 
 def test_offline_uncached_hub_id_is_one_clear_line():
     config = ConfigDict(dict(tokenizer="someone/not-cached-tokenizer-xyz"))
     with pytest.raises(tokenizer_lib.TokenizerError) as err:
-        tokenizer_lib.get_tokenizer(config, "")
+        prepared.get_tokenizer(config, "")
     msg = str(err.value)
     assert "\n" not in msg and "download_weights" in msg and "config.tokenizer" in msg
 

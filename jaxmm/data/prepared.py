@@ -21,6 +21,7 @@ import time
 from jaxmm import files, paths
 from jaxmm.data import builder as builder_lib
 from jaxmm.data import dedup
+from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import PrepareError
 
 FORMAT_VERSION = 2  # bump when the record layout or image processing changes
@@ -264,27 +265,39 @@ def data_record(dataset_dir: str, meta: dict) -> dict:
             "options": meta.get("options", {})}
 
 
-def _flatten(prefix: str, value) -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for key, sub in value.items():
-            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
-        return out
-    return {prefix: value}
+def _train_texts(dataset_dir: str) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    source = tfds.builder_from_directory(dataset_dir).as_data_source(
+        "train", decoders={"image": tfds.decode.SkipDecoding()})
+    return [r["text"].decode("utf-8") for r in source.__getitems__(list(range(len(source))))]
 
 
-def data_changes(saved: dict, current: dict) -> list[str]:
-    """The differences between two data records, as "key: old -> new" lines (fingerprint last,
-    and only when nothing else tells what changed)."""
-    changes = []
-    for section in ("class_names", "num_examples", "counts", "options"):
-        old, new = _flatten(section, saved.get(section)), _flatten(section, current.get(section))
-        changes += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
-    if not changes and saved.get("fingerprint") != current.get("fingerprint"):
-        changes.append("the raw files (names, sizes or modification times; same counts): "
-                       f"fingerprint {saved.get('fingerprint')} -> {current.get('fingerprint')}")
-    return changes
+def get_tokenizer(config, dataset_dir: str):
+    """The configured tokenizer, or the WordPiece one trained on this dataset's train texts.
+
+    Args:
+      config: ConfigDict with ``tokenizer`` ('' = train/load WordPiece) and
+        ``tokenizer_vocab_size``.
+      dataset_dir: prepared TFDS dataset directory.
+
+    Returns:
+      A `transformers.PreTrainedTokenizerFast`.
+    """
+    if config.tokenizer:
+        return tokenizer_lib.load_tokenizer(config.tokenizer)
+    out_dir = os.path.join(dataset_dir, tokenizer_lib.TOKENIZER_SUBDIR)
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+        return tokenizer_lib.load_tokenizer(out_dir)
+    # Write to a private folder and rename, so a concurrent reader never sees half a tokenizer.
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    tokenizer_lib.train_wordpiece(_train_texts(dataset_dir),
+                                  config.get("tokenizer_vocab_size", 1000), tmp)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process won the race; its tokenizer is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer_lib.load_tokenizer(out_dir)
 
 
 def _generate_demo(config, log) -> None:
@@ -308,9 +321,7 @@ def _prepare_from_config(config, log=print) -> str:
                         text_source=config.text_source, class_names=tuple(config.class_names),
                         log=log)
     if not config.tokenizer:
-        from jaxmm.data import tokenizer as tokenizer_lib
-
-        tokenizer_lib.get_tokenizer(config, ds_dir)  # trains once, before others may read it
+        get_tokenizer(config, ds_dir)  # trains once, before others may read it
     stored = files.read_json(os.path.join(out_dir, paths.FINGERPRINT_FILE)) or {}
     files.write_json(os.path.join(out_dir, paths.DONE_MARKER),
                      {"dataset_dir": ds_dir, "fingerprint": stored.get("fingerprint")})

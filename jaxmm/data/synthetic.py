@@ -236,12 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_side", type=int, default=1024, help="longest side in pixels")
     args = parser.parse_args(argv)
-    try:
-        generate(args.out, args.per_class, args.seed, args.max_side)
-    except PrepareError as e:
-        sys.exit(f"error: {e}")
+    generate(args.out, args.per_class, args.seed, args.max_side)
     print(f"wrote {len(_plan(args.per_class, args.seed, args.max_side))} images to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    from jaxmm import cli
+
+    sys.exit(cli.run_argparse(main, "jaxmm.data.synthetic"))

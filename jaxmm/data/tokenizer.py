@@ -13,7 +13,6 @@ order, so two processes gave different vocabularies (and different models) for t
 
 import collections
 import os
-import shutil
 
 import transformers
 from tokenizers import (
@@ -114,37 +113,3 @@ def load_tokenizer(name_or_dir: str):
             "Hugging Face cache; on a machine with internet run `python -m "
             "jaxmm.download_weights --out weights` (it saves the tokenizer with the DistilBERT "
             "weights in weights/distilbert) and set --config.tokenizer to that folder") from None
-
-
-def _train_texts(dataset_dir: str) -> list[str]:
-    import tensorflow_datasets as tfds
-
-    source = tfds.builder_from_directory(dataset_dir).as_data_source(
-        "train", decoders={"image": tfds.decode.SkipDecoding()})
-    return [r["text"].decode("utf-8") for r in source.__getitems__(list(range(len(source))))]
-
-
-def get_tokenizer(config, dataset_dir: str):
-    """The configured tokenizer, or the WordPiece one trained on this dataset's train texts.
-
-    Args:
-      config: ConfigDict with ``tokenizer`` ('' = train/load WordPiece) and
-        ``tokenizer_vocab_size``.
-      dataset_dir: prepared TFDS dataset directory.
-
-    Returns:
-      A `transformers.PreTrainedTokenizerFast`.
-    """
-    if config.tokenizer:
-        return load_tokenizer(config.tokenizer)
-    out_dir = os.path.join(dataset_dir, TOKENIZER_SUBDIR)
-    if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
-        return load_tokenizer(out_dir)
-    # Write to a private folder and rename, so a concurrent reader never sees half a tokenizer.
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    train_wordpiece(_train_texts(dataset_dir), config.get("tokenizer_vocab_size", 1000), tmp)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process won the race; its tokenizer is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(out_dir)

@@ -23,6 +23,12 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 # Evaluation crops the central 87.5% of the shorter side (224 of 256), the ImageNet convention.
 EVAL_CROP_FRACTION = 0.875
+# How prepare stores an image (``resize_shorter``) and evaluation crops it (``center_crop``);
+# a model's ``Preprocessing`` records these, and predicting follows what it records.
+STORED_RESAMPLE = "bicubic"
+STORED_REDUCING_GAP = 3.0
+MAX_ASPECT = 2.0
+CROP_RESAMPLE = "bilinear"
 # Resampling filters by the names a model's preprocessing records (PIL's filters).
 RESAMPLE = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR,
             "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
@@ -86,8 +92,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_shorter(img: Image.Image, size: int, max_aspect: float = 2.0,
-                   resample: str = "bicubic", reducing_gap: float | None = 3.0) -> Image.Image:
+def resize_shorter(img: Image.Image, size: int, max_aspect: float = MAX_ASPECT,
+                   resample: str = STORED_RESAMPLE,
+                   reducing_gap: float | None = STORED_REDUCING_GAP) -> Image.Image:
     """Resizes so the shorter side is `size`, keeping the aspect ratio.
 
     Args:
@@ -122,25 +129,6 @@ def encode(img: Image.Image, fmt: str, quality: int = 95) -> bytes:
     else:
         img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def encode_file(args: tuple) -> tuple[bytes | None, str]:
-    """Pool worker of prepare: decodes, converts to RGB, resizes and encodes one file.
-
-    Args:
-      args: (path, stored shorter side, 'jpeg'|'png', jpeg quality, max pixels).
-
-    Returns:
-      (encoded bytes, '') on success, (None, reason) on any failure.
-    """
-    path, size, fmt, quality, max_pixels = args
-    try:
-        if os.path.getsize(path) == 0:
-            return None, "empty file (0 bytes)"
-        img = resize_shorter(to_rgb(open_image(path, max_pixels)), size)
-        return encode(img, fmt, quality), ""
-    except Exception as e:  # noqa: BLE001 -- any decoder failure means "skip and report"
-        return None, _reason(e)
 
 
 def as_pil(image) -> Image.Image:
@@ -235,7 +223,7 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -
 
 
 def center_crop(img: Image.Image, size: int, fraction: float = EVAL_CROP_FRACTION,
-                resample: str = "bilinear") -> Image.Image:
+                resample: str = CROP_RESAMPLE) -> Image.Image:
     """Crops the central ``fraction`` of the shorter side and resizes it to ``size``.
 
     The box is (round(left), round(top), round(left + side), round(top + side)) with

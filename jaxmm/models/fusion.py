@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.errors import ConfigError
-from jaxmm.models.resnet import ResNet
+from jaxmm.models.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from jaxmm.models.text import TextTower
 
 MODALITIES = ("image", "text")
@@ -103,6 +103,9 @@ class MultimodalClassifier(nn.Module):
     freeze_image: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    # Normalisation of the uint8 image inside the model: (x / 255 - mean) / std per channel.
+    image_mean: tuple = IMAGENET_MEAN
+    image_std: tuple = IMAGENET_STD
 
     @nn.compact
     def __call__(self, image, input_ids, attention_mask, *, train: bool, modality_mask=None,
@@ -123,7 +126,8 @@ class MultimodalClassifier(nn.Module):
         feats = {}
         if "image" in self.modalities:
             feats["image"] = ResNet(self.image_arch, self.dtype, self.axis_name,
-                                    self.freeze_image, name="image")(image, train=train)
+                                    self.freeze_image, tuple(self.image_mean),
+                                    tuple(self.image_std), name="image")(image, train=train)
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,
                                       pooling=self.text_pooling, name="text")(

@@ -39,17 +39,11 @@ IMAGE_TASK_HEADS = ("fc", "classifier")
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def feature_dim(arch: str) -> int:
-    """Size of the pooled feature vector the tower returns for ``arch``."""
-    return ARCHS[arch]["widths"][-1] * EXPANSION
-
-
-def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
-    """Maps uint8 (or float 0..255) NHWC images to ImageNet-normalised float32."""
+def normalize_images(images: jnp.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jnp.ndarray:
+    """Maps uint8 (or float 0..255) NHWC images to float32 (x / 255 - mean) / std per channel
+    (ImageNet's statistics by default)."""
     x = images.astype(jnp.float32) / 255.0
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (x - mean) / std
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 class Bottleneck(nn.Module):
@@ -87,16 +81,19 @@ class ResNet(nn.Module):
       dtype: compute dtype (parameters are always float32).
       axis_name: pmap axis over which training BatchNorm statistics are averaged (None: local).
       frozen: if True, BatchNorm always uses (and never updates) the running averages.
+      mean, std: per-channel input normalisation of x / 255 (the pretrained weights' own).
     """
 
     arch: str = "resnet50"
     dtype: Any = jnp.float32
     axis_name: str | None = None
     frozen: bool = False
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        """Args: images uint8/float [B,H,W,3] in 0..255. Returns: float32 [B, feature_dim]."""
+        """Args: images uint8/float [B,H,W,3] in 0..255. Returns: float32 [B, features]."""
         spec = ARCHS[self.arch]
         use_avg = self.frozen or not train
         # Outside a pmap the axis is unbound, so it is only named when batch stats are computed.
@@ -105,7 +102,7 @@ class ResNet(nn.Module):
             dtype=self.dtype, param_dtype=jnp.float32,
             axis_name=None if use_avg else self.axis_name,
         )
-        x = normalize_images(images).astype(self.dtype)
+        x = normalize_images(images, self.mean, self.std).astype(self.dtype)
         x = nn.Conv(spec["widths"][0], (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                     use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=_conv_init, name="conv1")(x)
