@@ -99,7 +99,7 @@ def demo_checks(work: str, name: str, cpu_accuracy: float) -> dict | None:
     except OSError:
         pass
     finite = all(x is None or math.isfinite(x) for x in losses)
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     test_dir = eval_report.eval_dir(workdir, "test", "best", 0)  # what the suite's evaluate wrote
     test = _load(os.path.join(test_dir, paths.EVAL_METRICS_FILE)) or {}

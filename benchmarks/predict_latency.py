@@ -107,24 +107,29 @@ def make_workdir(config, workdir: str) -> None:
 
     The prepared dataset is deleted afterwards: prediction from a workdir must not need it.
     """
-    from jaxmm import builders, checkpointing, restore, run_record, train_log
     from jaxmm.data import prepared
+    from jaxmm.trained.model import ModelSpec
+    from jaxmm.trained.workdir import Workdir, model_architecture
+    from jaxmm.training import checkpointing, train_log
+    from jaxmm.training import setup as setup_lib
 
-    data = builders.prepared_data(config)
-    tokenizer = builders.load_tokenizer(config, data.dataset_dir)
-    model = builders.make_model(config, len(data.class_names), len(tokenizer), axis_name=None)
+    data = setup_lib.prepared_data(config)
+    tokenizer = setup_lib.load_tokenizer(config, data.dataset_dir)
+    model = setup_lib.make_model(config, len(data.class_names), len(tokenizer), axis_name=None)
     os.makedirs(workdir, exist_ok=True)
-    run_record.write(workdir, {
+    wd = Workdir(workdir)
+    spec = ModelSpec(tuple(data.class_names), model_architecture(model, config),
+                     setup_lib.preprocessing(config, data.meta))
+    wd.write_record({
         "config": config.to_dict(), "run": train_log.run_info(),
         "class_names": data.class_names, "class_weights": [1.0] * len(data.class_names),
-        "preprocessing": builders.preprocessing(config, data.meta),
-        "data": run_record.data_record(data.dataset_dir, data.meta)})
-    builders.keep_tokenizer(tokenizer, workdir)
+        "model": spec.to_json(), "data": prepared.data_record(data.dataset_dir, data.meta)})
+    wd.keep_tokenizer(tokenizer)
     ckpt = checkpointing.Checkpoints(workdir, 1)
     ckpt.save_best(1, random_variables(model, config), {"epoch": 1})
     ckpt.close()
     shutil.rmtree(prepared.prepared_dir(config))
-    restore.load_run(workdir, "best")  # complete without the dataset
+    wd.load_model("best")  # complete without the dataset
 
 
 def write_photos(folder: str, count: int) -> list[str]:
@@ -194,17 +199,19 @@ def predict_cmd(path: str, kind: str, photo: str) -> list[str]:
 
 def throughput_child(kind: str, path: str, folder: str, batch_size: int) -> dict:
     """In a fresh process: photos/s over a folder after one warm-up batch (the --child mode)."""
-    from jaxmm import bundle, classify
+    from jaxmm.trained import classifier, classify
 
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     start = time.perf_counter()
     if kind == "workdir":
-        from jaxmm import parallel, paths, restore
+        from jaxmm import paths
+        from jaxmm.trained.workdir import Workdir
+        from jaxmm.training import parallel
 
-        parallel.configure_xla(paths.in_workdir(path, paths.JAX_CACHE_DIR))
-        predictor = classify.Predictor(restore.load_run(path, "best"), batch_size)
+        parallel.configure_xla(os.path.join(path, paths.JAX_CACHE_DIR))
+        predictor = classify.Predictor(Workdir(path).load_model("best"), batch_size)
     else:
-        predictor = bundle.Classifier.load(path, batch_size=batch_size)
+        predictor = classifier.Classifier.load(path, batch_size=batch_size)
     classify.predict_files(predictor, files[:batch_size])
     ready = time.perf_counter()
     rows, problems = classify.predict_files(predictor, files)
@@ -216,8 +223,12 @@ def throughput_child(kind: str, path: str, folder: str, batch_size: int) -> dict
 
 
 def measure(kind: str, path: str, photo: str, folder: str, args, env: dict) -> dict:
-    """Cold and warm first prediction, then throughput, for one of the two paths."""
+    """Cold and warm first prediction, then throughput, for one of the two paths (a workdir
+    keeps its compilation cache inside; a bundle's is the user's, here a folder beside it)."""
     cache = os.path.join(path, "jax_cache")
+    if kind != "workdir":
+        env = {**env, "XDG_CACHE_HOME": f"{path}.user_cache"}
+        cache = os.path.join(f"{path}.user_cache", "jaxmm", "jax_cache")
     shutil.rmtree(cache, ignore_errors=True)
     out = {"cold": timed_process(predict_cmd(path, kind, photo), photo, env),
            "warm": timed_process(predict_cmd(path, kind, photo), photo, env)}
@@ -233,7 +244,7 @@ def measure(kind: str, path: str, photo: str, folder: str, args, env: dict) -> d
 
 def setup(args, work: str) -> dict:
     """Writes the demo data, the workdir, its bundle and the photos (not timed, but export)."""
-    from jaxmm import bundle_writer
+    from jaxmm.trained import bundle
 
     tokenizer_dir = os.path.join(work, "tokenizer")
     full = args.text_arch == "distilbert"
@@ -242,7 +253,7 @@ def setup(args, work: str) -> dict:
     workdir, bundle_dir = os.path.join(work, "workdir"), os.path.join(work, "bundle")
     make_workdir(config, workdir)
     start = time.perf_counter()
-    spec = bundle_writer.export_run(workdir, bundle_dir)
+    spec = bundle.export_run(workdir, bundle_dir)
     export_s = time.perf_counter() - start
     photos = write_photos(os.path.join(work, "photos"), args.photos)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(bundle_dir)

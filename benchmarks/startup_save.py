@@ -2,12 +2,12 @@
 
     python benchmarks/startup_save.py --work_dir /tmp/jaxmm_startup [--out result.json]
 
-Builds the training run the way ``jaxmm.loop`` does (config checks, prepared data, tokenizer,
-model, optimizer, then the initial state: fresh, and again as a resume from the checkpoint the
-fresh run saved) with ResNet-50 + DistilBERT at 224 px / 32 tokens, random init, on a small
-synthetic dataset (prepared once, not timed). Reports seconds for: fresh start-up, resumed
-start-up, the blocking part of a checkpoint save and the save until it is on disk (the first
-save of the run, and a second one).
+Builds the training run the way ``jaxmm.training.loop`` does (config checks, prepared data,
+tokenizer, model, optimizer, then the initial state: fresh, and again as a resume from the
+checkpoint the fresh run saved) with ResNet-50 + DistilBERT at 224 px / 32 tokens, random
+init, on a small synthetic dataset (prepared once, not timed). Reports seconds for: fresh
+start-up, resumed start-up, the blocking part of a checkpoint save and the save until it is
+on disk (the first save of the run, and a second one).
 """
 
 import argparse
@@ -36,7 +36,7 @@ def measure(work_dir: str) -> dict:
     """Times fresh start-up, one save, and resumed start-up; returns seconds."""
     import jax
 
-    from jaxmm import loop
+    from jaxmm.training import loop
 
     config = make_config(work_dir)
     loop.build(config, "")  # prepares the data once: not timed

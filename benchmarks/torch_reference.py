@@ -36,7 +36,7 @@ import train_throughput as tt  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import DistilBertConfig, DistilBertModel, ResNetConfig, ResNetModel  # noqa: E402
 
-from jaxmm import losses  # noqa: E402
+from jaxmm.training import losses  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

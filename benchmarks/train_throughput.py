@@ -6,7 +6,7 @@
 
 Default model: ResNet-50 at 224 px + DistilBERT (6 layers, 768 wide, vocabulary 30522) at text
 length 32, random init (weights do not change the speed), concat fusion head, class-weighted
-loss and the AdamW optimizer of training, built by the same ``jaxmm.builders`` functions.
+loss and the AdamW optimizer of training, built by the same ``jaxmm.training.setup`` functions.
 
 Measured after warm-up, with one ``block_until_ready`` at the end of each timed window:
   (a) step: samples/s of the train step on device-resident synthetic batches;
@@ -48,8 +48,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
-from jaxmm import builders, parallel  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
+from jaxmm.training import parallel  # noqa: E402
+from jaxmm.training import setup as setup_lib
 
 # Train counts of the real dataset (docs): the class weights have the real spread.
 TRAIN_COUNTS = (2111, 4355, 1991, 1743)
@@ -135,13 +136,14 @@ def vocab_size(config) -> int:
 
 def build_state(config, num_classes: int = len(TRAIN_COUNTS)):
     """Replicated train state and pmapped train step, built exactly as the training loop builds
-    them (``jaxmm.builders``), with the real dataset's class-weight spread."""
-    model = builders.make_model(config, num_classes, vocab_size(config))
-    tx = builders.make_optimizer(config, model, steps_per_epoch=100, total_steps=10_000)
-    variables = builders.init_variables(config, model, log=lambda line: None)
-    weights = builders.class_weights(config, list(synthetic.CLASSES),
+    them (``jaxmm.training.setup``), with the real dataset's class-weight spread."""
+    model = setup_lib.make_model(config, num_classes, vocab_size(config))
+    tx = setup_lib.make_optimizer(config, model, steps_per_epoch=100, total_steps=10_000)
+    variables = setup_lib.init_variables(config, model, log=lambda line: None)
+    weights = setup_lib.class_weights(config, list(synthetic.CLASSES),
                                      dict(zip(synthetic.CLASSES, TRAIN_COUNTS, strict=True)))
-    return builders.replicated_state(model, tx, variables), builders.train_step_fn(config, weights)
+    state = setup_lib.replicated_state(model, tx, variables)
+    return state, setup_lib.train_step_fn(config, weights)
 
 
 def synthetic_batches(config, global_batch: int, count: int = 2, seed: int = 0) -> list:

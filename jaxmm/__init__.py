@@ -2,7 +2,8 @@
 
 Entry points: ``python -m jaxmm.train``, ``python -m jaxmm.evaluate``, ``python -m jaxmm.predict``,
 ``python -m jaxmm.export``, ``python -m jaxmm.prepare`` and ``python -m jaxmm.data.synthetic``.
-Python API: ``jaxmm.Classifier.load(bundle_dir).predict(images, texts)`` (see jaxmm.classifier).
+Python API: ``jaxmm.Classifier.load(bundle_dir).predict(images, texts)`` (see
+``jaxmm.trained.classifier``).
 """
 
 __version__ = "0.1.0"
@@ -13,7 +14,7 @@ def __getattr__(name):
     # Lazy, so that `import jaxmm` (and every entry point) stays cheap: the bundle reader
     # imports jax only when the Classifier is first used.
     if name == "Classifier":
-        from jaxmm.classifier import Classifier
+        from jaxmm.trained.classifier import Classifier
 
         return Classifier
     raise AttributeError(f"module 'jaxmm' has no attribute {name!r}")

@@ -98,7 +98,7 @@ def initialize_distributed(compilation_cache_dir: str = "") -> None:
     """Sets XLA options, starts jax.distributed from the flags above, the JAX_* variables or an
     srun step, then sets up logging. Call it first in ``main``, before anything touches a
     device."""
-    from jaxmm import parallel
+    from jaxmm.training import parallel
 
     f = flags.FLAGS
     parallel.configure_xla(compilation_cache_dir)

@@ -21,7 +21,7 @@ _STALE = flags.DEFINE_float("stale_minutes", 30.0, "A run with no summary counts
 
 
 def main(argv):
-    from jaxmm import run_table
+    from jaxmm.experiments import run_table
 
     dirs = argv[1:]
     if not dirs:

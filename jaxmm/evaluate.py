@@ -47,7 +47,7 @@ def main(argv):
     cli.initialize_distributed()
     import jax
 
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())

@@ -27,7 +27,7 @@ def main(argv):
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
-    from jaxmm import bundle
+    from jaxmm.trained import bundle
 
     spec = bundle.export_run(_WORKDIR.value, _OUT.value, _CHECKPOINT.value,
                                     tuple(_PLATFORMS.value))

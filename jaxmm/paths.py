@@ -28,8 +28,8 @@ RELIABILITY_FILE = "reliability_diagram.png"  # accuracy vs confidence per bin, 
 EXPLANATIONS_DIR = "explanations"  # one PNG per explained example
 GALLERY_FILE = "gallery.png"  # every explanation of a folder in one grid
 
-# --- An export bundle (written by jaxmm.export, read by jaxmm.bundle) -----------------------
-# It also holds TOKENIZER_DIR, and JAX_CACHE_DIR when the folder is writable.
+# --- An export bundle (written by jaxmm.export, read by jaxmm.trained.bundle) --------------
+# It also holds TOKENIZER_DIR.
 BUNDLE_SPEC_FILE = "model.json"  # format version, architecture, classes, preprocessing, ...
 BUNDLE_WEIGHTS_FILE = "weights.safetensors"  # params + batch statistics, "/"-joined names
 BUNDLE_FUNCTION_FILE = "predict.jaxexport"  # serialized jax.export function (StableHLO)

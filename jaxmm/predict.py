@@ -22,7 +22,7 @@ from absl import flags
 
 from jaxmm import cli, paths
 from jaxmm.errors import ConfigError
-from jaxmm.workdir import Workdir
+from jaxmm.trained.workdir import Workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
 _MODEL = flags.DEFINE_string("model", None, "Bundle folder written by jaxmm.export.")
@@ -44,11 +44,12 @@ def main(argv):
     if _BATCH.value < 1:
         raise ConfigError(f"--batch_size={_BATCH.value} must be at least 1")
     if _WORKDIR.value:  # the run's compiled programs are kept in its workdir
-        from jaxmm import parallel
+        from jaxmm.training import parallel
 
         parallel.configure_xla(Workdir(_WORKDIR.value).file(paths.JAX_CACHE_DIR))
     cli.setup_logging()
-    from jaxmm import classify, files
+    from jaxmm import files
+    from jaxmm.trained import classify
 
     images, problems, any_folder = classify.find_images(argv[1:])
     if not images:

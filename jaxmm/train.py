@@ -14,9 +14,10 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxmm import cli, paths, train_log
+from jaxmm import cli, paths
 from jaxmm.errors import ConfigError
-from jaxmm.workdir import Workdir
+from jaxmm.trained.workdir import Workdir
+from jaxmm.training import train_log
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -33,7 +34,7 @@ def main(argv):
         Workdir(os.path.abspath(_WORKDIR.value)).file(paths.JAX_CACHE_DIR))
     import jax
 
-    from jaxmm import loop
+    from jaxmm.training import loop
 
     logging.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())

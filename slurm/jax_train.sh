@@ -151,7 +151,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 
 def main(argv):
     del argv
-    from jaxmm import builders, cli
+    from jaxmm import cli
+    from jaxmm.training import setup as builders
     from jaxmm.data import prepared
 
     with cli.user_errors("jaxmm prepare step"):

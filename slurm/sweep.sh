@@ -44,7 +44,7 @@ fi
 if [ "${1:-}" = --task ]; then
   sweep_dir="${2:?--task needs the sweep folder}"
   index="${SLURM_ARRAY_TASK_ID:?--task runs inside a Slurm job array}"
-  mapfile -t lines < <("$py" -m jaxmm.sweep task --sweep_dir "$sweep_dir" --index "$index")
+  mapfile -t lines < <("$py" -m jaxmm.experiments.sweep task --sweep_dir "$sweep_dir" --index "$index")
   [ "${#lines[@]}" -ge 3 ] || die "cannot read run $index of $sweep_dir"
   if [ "${lines[0]}" = finished ]; then
     log "run $index (${lines[1]}) has already finished; nothing to do"
@@ -83,7 +83,7 @@ active="$(squeue -u "$(id -un)" -h -r -n "$job_name" -o '%K' 2>/dev/null |
   grep -E '^[0-9]+$' | paste -sd, || true)"
 
 # The checks need no accelerator: keep JAX on the CPU of the login node.
-todo="$(JAX_PLATFORMS=cpu "$py" -m jaxmm.sweep plan --config "$config" --sweep "$sweep_file" \
+todo="$(JAX_PLATFORMS=cpu "$py" -m jaxmm.experiments.sweep plan --config "$config" --sweep "$sweep_file" \
   --sweep_dir "$sweep_dir" --active "$active" -- "$@")" || exit 2
 if [ -z "$todo" ]; then
   log "nothing to submit: every run has finished or is queued"

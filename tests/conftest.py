@@ -40,7 +40,7 @@ from tests import support  # noqa: E402
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """Workdir of a tiny demo run trained on 4 fake devices (trained once per pytest run)."""
-    from jaxmm import loop
+    from jaxmm.training import loop
 
     root = tmp_path_factory.getbasetemp() / "tiny_eval_run"
     workdir = str(root / "run")
@@ -53,7 +53,7 @@ def trained_run(tmp_path_factory):
 def bundle_dir(trained_run, tmp_path_factory):
     """The shared run exported as a bundle without its temperature, so probabilities compare
     with the raw ones of evaluation (calibrated bundles are made where a test needs one)."""
-    from jaxmm import bundle
+    from jaxmm.trained import bundle
 
     out = str(tmp_path_factory.mktemp("bundle") / "garbage")
     bundle.export_run(trained_run, out, "best", calibrated=False)
@@ -64,8 +64,9 @@ def bundle_dir(trained_run, tmp_path_factory):
 def test_split(trained_run):
     """The test split of the shared run as jaxmm's evaluation sees it: each example's raw file,
     text and raw (uncalibrated) probabilities of the best checkpoint."""
-    from jaxmm import eval_report, parallel
-    from jaxmm.workdir import Workdir
+    from jaxmm.evaluation import report as eval_report
+    from jaxmm.trained.workdir import Workdir
+    from jaxmm.training import parallel
 
     wd = Workdir(trained_run)
     trained = wd.load_model("best", axis_name=parallel.AXIS_NAME, calibrated=False)

@@ -92,9 +92,9 @@ def test_torch_model_matches_jaxmm_parameter_count():
     tt = ref.tt
     config = tt.make_config(ref.jax_args(args))
     config.image_size, config.max_text_length = 32, 8
-    model = tt.builders.make_model(config, len(tt.TRAIN_COUNTS), tt.vocab_size(config),
+    model = tt.setup_lib.make_model(config, len(tt.TRAIN_COUNTS), tt.vocab_size(config),
                                    axis_name=None)
-    shapes = tt.builders.abstract_variables(config, model)  # shapes only: nothing is compiled
+    shapes = tt.setup_lib.abstract_variables(config, model)  # shapes only: nothing is compiled
     jax_count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
     torch_count = sum(p.numel() for p in ref.make_model(args, "cpu").parameters())
     # BatchNorm running statistics are buffers in torch and batch_stats in jaxmm: not counted.

@@ -28,7 +28,8 @@ def expected(test_split):
 def _rewrite_spec(copy, change):
     """Changes model.json as a tool that re-digests it would (so only the field checks can
     catch the change)."""
-    from jaxmm import bundle, paths
+    from jaxmm import paths
+    from jaxmm.trained import bundle
 
     path = os.path.join(copy, paths.BUNDLE_SPEC_FILE)
     with open(path, encoding="utf-8") as f:
@@ -40,7 +41,8 @@ def _rewrite_spec(copy, change):
 
 
 def test_bundle_is_self_describing_and_pickle_free(bundle_dir):
-    from jaxmm import bundle, paths
+    from jaxmm import paths
+    from jaxmm.trained import bundle
 
     spec = bundle.read_record(bundle_dir)
     assert spec["format_version"] == bundle.FORMAT_VERSION
@@ -81,9 +83,9 @@ def test_bundle_probabilities_equal_evaluation(bundle_dir, expected, engine):
 
 
 def test_tokenizer_matches_the_runs_transformers_tokenizer(bundle_dir, trained_run):
-    from jaxmm import bundle, classifier
     from jaxmm.data import transforms
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained import bundle, classifier
+    from jaxmm.trained.workdir import Workdir
 
     tokenizer = Workdir(trained_run).tokenizer()
     texts = ["plastic bottle", "", "glass jar " * 20, "Égg shells, ÜBER-long!", "x"]
@@ -133,7 +135,8 @@ def _broken_copy(bundle_dir, tmp_path, name):
 
 
 def _newer_version(copy):
-    from jaxmm import bundle, paths
+    from jaxmm import paths
+    from jaxmm.trained import bundle
 
     path = os.path.join(copy, paths.BUNDLE_SPEC_FILE)
     spec = json.load(open(path))
@@ -146,7 +149,8 @@ def _wrong_shape(copy):
     """Weights of another shape, with model.json re-digested: the shape check catches it."""
     from safetensors.numpy import load_file, save_file
 
-    from jaxmm import bundle, paths
+    from jaxmm import paths
+    from jaxmm.trained import bundle
 
     path = os.path.join(copy, paths.BUNDLE_WEIGHTS_FILE)
     flat = load_file(path)
@@ -207,7 +211,7 @@ def _missing(name):
 @pytest.mark.parametrize("engine", ["exported", "model"])
 def test_bad_bundles_fail_in_one_line_naming_the_file(bundle_dir, tmp_path, damage, engine):
     import jaxmm
-    from jaxmm import bundle
+    from jaxmm.trained import bundle
 
     copy = _broken_copy(bundle_dir, tmp_path, "broken")
     name, words = damage(copy)

@@ -14,7 +14,7 @@ from tests.support import read_csv as _read_csv
 
 @pytest.fixture(scope="module")
 def validation(trained_run):
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     calibrated = eval_report.evaluate_run(trained_run, "validation", explain_first=2)
     # Both write eval/validation/: keep the calibrated rows before the raw run replaces them.
@@ -25,7 +25,7 @@ def validation(trained_run):
 
 def test_training_fits_a_temperature_on_validation(trained_run):
     from jaxmm import paths
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     with open(os.path.join(trained_run, paths.CALIBRATION_FILE)) as f:
         record = json.load(f)
@@ -47,7 +47,7 @@ def test_calibrated_nll_not_worse_and_accuracy_unchanged(validation):
     assert [r["predicted"] for r in calibrated_rows] == [r["predicted"] for r in raw_rows]
     names = calibrated["metrics"]["confusion_matrix"]["labels"]
     # The CSV holds the calibrated probabilities: softmax(log p_raw / T).
-    from jaxmm import calibration
+    from jaxmm.evaluation import calibration
 
     p_raw = np.array([[float(r[f"p_{c}"]) for c in names] for r in raw_rows])
     p_cal = np.array([[float(r[f"p_{c}"]) for c in names] for r in calibrated_rows])
@@ -65,8 +65,9 @@ def test_evaluation_explains_errors_and_first_examples(validation):
 
 
 def test_predict_explains_files_with_calibrated_probabilities(trained_run, tmp_path):
-    from jaxmm import calibration, classify
-    from jaxmm.workdir import Workdir
+    from jaxmm.evaluation import calibration
+    from jaxmm.trained import classify
+    from jaxmm.trained.workdir import Workdir
 
     wd = Workdir(trained_run)
     raw_model, run = wd.load_model("best", calibrated=False), wd.load_model("best")

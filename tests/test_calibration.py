@@ -1,4 +1,5 @@
-"""Tests for jaxmm.calibration: hand-computed metrics, temperature recovery, file format."""
+"""Tests for jaxmm.evaluation.calibration: hand-computed metrics, temperature recovery, the
+calibration file."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxmm import calibration
+from jaxmm.evaluation import calibration
 
 # Five two-class examples; confidences 0.9, 0.95, 0.58, 0.7, 0.88, of which 1, 3, 4 are right.
 HAND_PROBS = np.array([[0.9, 0.1], [0.95, 0.05], [0.58, 0.42], [0.3, 0.7], [0.88, 0.12]])
@@ -93,7 +94,7 @@ def test_record_roundtrip_and_bad_file(tmp_path):
     record = calibration.calibration_record(2.0 * logits, labels, 2.0)
     assert set(record["before"]) == set(record["after"]) == {"ece", "nll", "brier"}
     from jaxmm.errors import WorkdirError
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     wd = Workdir(str(tmp_path))
     path = wd.write_calibration(record)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmm import checkpointing, paths
+from jaxmm import paths
+from jaxmm.training import checkpointing
 
 
 def _weights(value):

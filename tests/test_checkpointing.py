@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmm import checkpointing
+from jaxmm.training import checkpointing
 
 
 def _state(step, value):
@@ -87,7 +87,7 @@ def test_replicated_state_is_saved_from_one_replica_without_compiling(tmp_path, 
 
     import jax
 
-    from jaxmm import parallel
+    from jaxmm.training import parallel
 
     # Shapes that split evenly over 4 replicas (orbax splits nothing else).
     state = {"step": np.int32(3), "params": {"w": np.full((8, 4), 2.0, np.float32),

@@ -17,20 +17,20 @@ from tests.support import read_csv as _read_csv
 @pytest.fixture(scope="module")
 def run(trained_run):
     """The shared run's best model without its temperature (raw probabilities)."""
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     return Workdir(trained_run).load_model("best", calibrated=False)
 
 
 @pytest.fixture(scope="module")
 def data_dir(trained_run):
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     return Workdir(trained_run).config().data_dir
 
 
 def test_raw_files_get_the_evaluation_probabilities(run, test_split):
-    from jaxmm import classify
+    from jaxmm.trained import classify
 
     files, _, probs = test_split
     rows, problems = classify.predict_files(classify.Predictor(run, batch_size=8), files)
@@ -40,7 +40,7 @@ def test_raw_files_get_the_evaluation_probabilities(run, test_split):
 
 
 def test_text_flag_and_unreadable_files(run, data_dir, tmp_path):
-    from jaxmm import classify
+    from jaxmm.trained import classify
 
     good = tmp_path / "Plastic_Bottle_3.png"
     shutil.copy(_some_image(data_dir), good)

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm import digests
+from jaxmm.trained import digests
 
 
 def _tree():

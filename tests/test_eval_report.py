@@ -39,7 +39,7 @@ def _finish(proc, timeout=600):
 @pytest.fixture(scope="module")
 def test_eval(trained_run):
     """The test split evaluated in this process on 4 devices."""
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     return eval_report.evaluate_run(trained_run, "test")
 
@@ -101,7 +101,7 @@ def test_figures_are_png_images(test_eval, name):
 
 
 def test_misclassified_grid_without_errors(tmp_path):
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     path = eval_report.misclassified_grid([], str(tmp_path / "none.png"))
     assert os.path.getsize(path) > 0
@@ -125,7 +125,7 @@ def test_fresh_process_on_one_device_reproduces_training_validation(trained_run)
 
 
 def test_ablation_rows_and_masked_modalities(trained_run):
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     result = eval_report.evaluate_run(trained_run, "validation", ablation=True)
     rows = result["ablation"]
@@ -140,8 +140,8 @@ def test_ablation_rows_and_masked_modalities(trained_run):
 
 
 def test_user_errors(trained_run, tmp_path):
-    from jaxmm import eval_report
-    from jaxmm.workdir import Workdir
+    from jaxmm.evaluation import report as eval_report
+    from jaxmm.trained.workdir import Workdir
 
     with pytest.raises(FileNotFoundError, match="no '999' checkpoint"):
         Workdir(trained_run).load_model("999")
@@ -184,7 +184,7 @@ def test_two_processes_match_one_process(trained_run, test_eval, tmp_path):
 
 
 def test_ablation_notes_without_modality_dropout_or_second_tower():
-    from jaxmm import eval_report
+    from jaxmm.evaluation import report as eval_report
 
     metrics = {"num_examples": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
                "weighted_f1": 1.0, "loss": 0.1}
@@ -203,8 +203,8 @@ def test_ablation_notes_without_modality_dropout_or_second_tower():
 
 
 def test_checkpoint_choices(trained_run):
-    from jaxmm import checkpointing
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
+    from jaxmm.training import checkpointing
 
     have = checkpointing.available(trained_run)
     assert Workdir(trained_run).load_model("latest").step == have["latest"]
@@ -212,7 +212,8 @@ def test_checkpoint_choices(trained_run):
 
 
 def test_each_checkpoint_keeps_its_own_reports(trained_run):
-    from jaxmm import checkpointing, eval_report
+    from jaxmm.evaluation import report as eval_report
+    from jaxmm.training import checkpointing
 
     have = checkpointing.available(trained_run)
     first, latest = have["all"][0], have["latest"]
@@ -233,9 +234,9 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
                                                            monkeypatch):
     from sklearn import metrics as sk
 
-    from jaxmm import eval_report
     from jaxmm.data import dedup
-    from jaxmm.workdir import Workdir
+    from jaxmm.evaluation import report as eval_report
+    from jaxmm.trained.workdir import Workdir
 
     rows = _read_csv(os.path.join(test_eval["out_dir"], "predictions.csv"))
     planted = {rows[i]["file"] for i in (0, 3, 5)}
@@ -270,8 +271,9 @@ def test_exclude_test_duplicates_reports_test_without_copies(trained_run, test_e
 def test_missing_dataset_is_an_error_and_nothing_is_prepared(trained_run, tmp_path):
     import shutil
 
-    from jaxmm import eval_report, paths
+    from jaxmm import paths
     from jaxmm.errors import WorkdirError
+    from jaxmm.evaluation import report as eval_report
 
     work = tmp_path / "run"
     shutil.copytree(trained_run, work, ignore=shutil.ignore_patterns(paths.EVAL_DIR))

@@ -1,4 +1,4 @@
-"""Tests for jaxmm.explain on tiny models trained here on data whose evidence is known.
+"""Tests for jaxmm.evaluation.explain on tiny models trained here on data whose evidence is known.
 
 - Image: the classes differ only by the colour of a square somewhere in the top-right quadrant;
   Grad-CAM of a class-1 prediction must peak there (top-right, so a transposed map would fail).
@@ -14,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmm import explain, models
+from jaxmm import models
 from jaxmm.data import tokenizer as tokenizer_lib
+from jaxmm.evaluation import explain
 
 SIZE = 128  # the tiny ResNet downsamples 32x: a 4x4 Grad-CAM map, 2x2 cells per quadrant
 LENGTH = 16

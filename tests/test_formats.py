@@ -40,8 +40,8 @@ def test_format1_bundle_loads_unverified_and_predicts_as_before(old, engine, cap
 
 
 def test_format1_workdir_loads_and_predicts_as_before(old):
-    from jaxmm import classify
-    from jaxmm.workdir import RECORD_VERSION, Workdir
+    from jaxmm.trained import classify
+    from jaxmm.trained.workdir import RECORD_VERSION, Workdir
 
     root, files, expected = old
     wd = Workdir(str(root / "run"))
@@ -56,7 +56,7 @@ def test_format1_workdir_loads_and_predicts_as_before(old):
 
 def test_format1_workdir_exports_a_verified_format2_bundle(old, tmp_path):
     import jaxmm
-    from jaxmm import bundle
+    from jaxmm.trained import bundle
 
     root, files, expected = old
     out = str(tmp_path / "again")
@@ -68,7 +68,7 @@ def test_format1_workdir_exports_a_verified_format2_bundle(old, tmp_path):
 
 def test_records_older_than_format1_are_refused_in_one_line(old, tmp_path):
     from jaxmm.errors import WorkdirError
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     root, _, _ = old
     run = tmp_path / "older"

@@ -11,11 +11,12 @@ import textwrap
 
 import pytest
 
-from jaxmm import lock, paths
+from jaxmm import paths
+from jaxmm.training import lock
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from jaxmm import lock
+    from jaxmm.training import lock
     with lock.WorkdirLock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(120)

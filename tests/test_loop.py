@@ -124,7 +124,7 @@ def test_stop_signal_saves_exits_75_and_resumes(data_dir, tmp_path, sig):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     assert "run the same command to resume" in err
-    from jaxmm import checkpointing
+    from jaxmm.training import checkpointing
 
     saved = checkpointing.available(str(tmp_path))["latest"]
     assert saved is not None
@@ -144,7 +144,7 @@ def test_non_finite_loss_stops_with_clear_message(data_dir, tmp_path):
     assert out.returncode == 1
     assert "non-finite loss" in out.stderr
     assert "Traceback" not in out.stderr
-    from jaxmm import checkpointing
+    from jaxmm.training import checkpointing
 
     # Nothing non-finite was saved: no checkpoint at all, since the first save comes later.
     assert checkpointing.available(str(tmp_path))["latest"] is None

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxmm import builders, checkpointing, files, loop, parallel, paths, train_log
+from jaxmm import files, paths
 from jaxmm.errors import ConfigError
+from jaxmm.training import checkpointing, loop, parallel, train_log
+from jaxmm.training import setup as setup_lib
 from tests.test_loop import ROOT, _env, _train_cmd, tiny_config
 
 
@@ -29,7 +31,7 @@ def _fake_source(workdir, config, setup, seed=3) -> dict:
     """A finished-looking run: config.json and a best checkpoint of random variables."""
     rng = np.random.default_rng(seed)
     variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
-                             builders.abstract_variables(config, setup.model))
+                             setup_lib.abstract_variables(config, setup.model))
     files.write_json(os.path.join(workdir, paths.CONFIG_FILE),
                      {"config": config.to_dict(), "class_names": setup.data.class_names})
     ckpts = checkpointing.Checkpoints(str(workdir), 1)
@@ -113,9 +115,9 @@ def test_ema_weights_are_validated_and_kept_as_best(data_dir, tmp_path, monkeypa
 def test_bad_accumulation_or_ema_is_refused(data_dir):
     with pytest.raises(ConfigError, match="accumulate_steps=3: must be a whole number >= 1 that "
                                           "divides the 2 rows"):
-        builders.validate_config(tiny_config(data_dir, accumulate_steps=3))
+        setup_lib.validate_config(tiny_config(data_dir, accumulate_steps=3))
     with pytest.raises(ConfigError, match=r"ema_decay=1.0: must be in \[0, 1\)"):
-        builders.validate_config(tiny_config(data_dir, ema_decay=1.0))
+        setup_lib.validate_config(tiny_config(data_dir, ema_decay=1.0))
 
 
 # --- progress output --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxmm import losses
+from jaxmm.training import losses
 
 
 def _hand_ce(logits, labels):

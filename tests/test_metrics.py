@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jaxmm import metrics
+from jaxmm.evaluation import metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

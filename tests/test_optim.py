@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxmm import optim
+from jaxmm.training import optim
 
 
 def _config(freeze_image=False, freeze_text=False):

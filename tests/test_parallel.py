@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmm import builders, parallel, steps
+from jaxmm.training import parallel, steps
+from jaxmm.training import setup as setup_lib
 from tests.test_steps import _batch, _state
 
 
@@ -97,7 +98,7 @@ def test_train_step_compiles_once(caplog):
     # The state is built the way the training loop builds it (optimizer state made on device).
     state = _state()
     model = types.SimpleNamespace(apply=state.apply_fn)
-    state = builders.replicated_state(model, state.tx, jax.device_get(state.variables))
+    state = setup_lib.replicated_state(model, state.tx, jax.device_get(state.variables))
     step = parallel.pmap_train_step(
         functools.partial(steps.train_step, class_weights=np.ones(3)))
     key = parallel.replicate(np.asarray(jax.random.PRNGKey(0)))

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
-from jaxmm import checkpointing, errors, lock, loop, paths
+from jaxmm import errors, paths
 from jaxmm.data import prepared
-from jaxmm.workdir import data_changes
+from jaxmm.trained.workdir import data_changes
+from jaxmm.training import checkpointing, lock, loop
 from tests.test_loop import tiny_config
 
 

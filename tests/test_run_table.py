@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxmm import lock, paths, run_table
+from jaxmm import paths
+from jaxmm.experiments import run_table
+from jaxmm.training import lock
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def test_the_client_environment_has_no_jaxmm(tmp_path):
 
 
 def test_client_equals_jaxmm_predict(trained_run, images, tmp_path):
-    from jaxmm import bundle
+    from jaxmm.trained import bundle
 
     out = str(tmp_path / "calibrated")
     record = bundle.export_run(trained_run, out)  # with the run's fitted temperature
@@ -114,9 +114,9 @@ def test_client_equals_jaxmm_predict(trained_run, images, tmp_path):
 
 
 def test_client_follows_changed_preprocessing(trained_run, images, tmp_path):
-    from jaxmm import bundle
-    from jaxmm.trained_model import ModelSpec, TrainedModel
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained import bundle
+    from jaxmm.trained.model import ModelSpec, TrainedModel
+    from jaxmm.trained.workdir import Workdir
 
     trained = Workdir(trained_run).load_model("best")
     spec = trained.spec

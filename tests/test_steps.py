@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmm import losses, parallel, steps
+from jaxmm.training import losses, parallel, steps
 
 AXIS = parallel.AXIS_NAME
 

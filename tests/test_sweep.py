@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxmm import paths, sweep
+from jaxmm import paths
+from jaxmm.experiments import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "demo.py")

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxmm import checkpointing, models, warm_start
+from jaxmm import models
 from jaxmm.errors import ConfigError, WorkdirError
-from jaxmm.trained_model import ModelSpec, Preprocessing
-from jaxmm.workdir import Workdir, model_architecture
+from jaxmm.trained.model import ModelSpec, Preprocessing
+from jaxmm.trained.workdir import Workdir, model_architecture
+from jaxmm.training import checkpointing, warm_start
 
 CLASSES = ["Black", "Blue", "Green", "TTR"]
 VOCAB = 64

@@ -6,7 +6,7 @@
 Each dict holds ``--config.KEY=VALUE`` overrides of one run; ``grid`` builds every combination.
 """
 
-from jaxmm.sweep import grid
+from jaxmm.experiments.sweep import grid
 
 
 def get_sweep():

@@ -114,8 +114,9 @@ class ResNet(nn.Module):
                 x = Bottleneck(width, stride, block == 0, norm, self.dtype,
                                name=f"layer{stage + 1}_{block}")(x)
         if not self.is_initializing():
-            # Hooks for Grad-CAM (jaxmm.explain): both are no-ops unless the caller passes a
-            # 'perturbations' collection or makes 'intermediates' mutable; never created at init.
+            # Hooks for Grad-CAM (jaxmm.evaluation.explain): both are no-ops unless the caller
+            # passes a 'perturbations' collection or makes 'intermediates' mutable; never created
+            # at init.
             x = self.perturb(LAST_STAGE, x)
             self.sow("intermediates", LAST_STAGE, x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxmm import losses
-from jaxmm.parallel import AXIS_NAME
+from jaxmm.training import losses
+from jaxmm.training.parallel import AXIS_NAME
 
 
 class TrainState(struct.PyTreeNode):

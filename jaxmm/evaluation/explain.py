@@ -29,9 +29,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxmm import calibration, paths
+from jaxmm import paths
+from jaxmm.evaluation import calibration
 from jaxmm.models.resnet import LAST_STAGE
-from jaxmm.trained_model import padded_batches
+from jaxmm.trained.model import padded_batches
 
 IG_STEPS = 64  # trapezoid intervals of the integrated-gradients path
 

@@ -14,11 +14,13 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmm import calibration, explain, files, parallel, paths, scoring, train_log
+from jaxmm import files, paths
 from jaxmm.data import dedup, pipeline, prepared, transforms
 from jaxmm.errors import ConfigError, WorkdirError
-from jaxmm.trained_model import TrainedModel
-from jaxmm.workdir import Workdir
+from jaxmm.evaluation import calibration, explain, scoring
+from jaxmm.trained.model import TrainedModel
+from jaxmm.trained.workdir import Workdir
+from jaxmm.training import parallel, train_log
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
 

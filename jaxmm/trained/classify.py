@@ -1,7 +1,7 @@
 """Classifying raw image files (with texts): the work behind ``jaxmm.predict``.
 
 Two predictors share ``predict_files``: ``Predictor`` (a run rebuilt from its workdir) and
-``jaxmm.bundle.Classifier`` (an export bundle). Raw files are preprocessed exactly like the
+``jaxmm.trained.bundle.Classifier`` (an export bundle). Raw files are preprocessed exactly like the
 evaluation records: prepare's decode + RGB + resize + re-encode, then the eval centre crop; texts
 follow the dataset's file-name rule unless given (one text, or a captions CSV).
 
@@ -13,11 +13,11 @@ import os
 
 import numpy as np
 
-from jaxmm import calibration
 from jaxmm.data import captions, transforms
 from jaxmm.errors import ConfigError
-from jaxmm.metrics import prediction_row
-from jaxmm.trained_model import TrainedModel, padded_batches
+from jaxmm.evaluation import calibration
+from jaxmm.evaluation.metrics import prediction_row
+from jaxmm.trained.model import TrainedModel, padded_batches
 
 
 def find_images(paths) -> tuple[list[str], list[str], bool]:
@@ -90,10 +90,10 @@ def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "be
       A predictor; its ``spec`` says what the model was trained on.
     """
     if model:
-        from jaxmm.classifier import Classifier
+        from jaxmm.trained.classifier import Classifier
 
         return Classifier.load(model, batch_size=batch_size, calibrated=calibrated)
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     return Predictor(Workdir(workdir).load_model(checkpoint, calibrated=calibrated), batch_size)
 
@@ -134,7 +134,7 @@ def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], l
     """Predicts image files in batches; unreadable files are reported, not fatal.
 
     Args:
-      predictor: a ``Predictor`` or a ``jaxmm.bundle.Classifier`` (both have class_names,
+      predictor: a ``Predictor`` or a ``jaxmm.trained.bundle.Classifier`` (both have class_names,
         batch_size, ``read(path, text)`` and ``__call__(examples) -> probabilities``).
       files: image paths.
       text: one text for every file, a function from path to text (``text_rule``), or None for
@@ -168,7 +168,7 @@ def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], l
 
 def explain_files(predictor: Predictor, rows: list[dict], out_dir: str) -> list[str]:
     """Explanations (one PNG per predicted file, plus a gallery) of ``predict_files``' rows."""
-    from jaxmm import explain
+    from jaxmm.evaluation import explain
 
     examples = [{**predictor.read(r["file"], r["text"]), "name": r["file"], "label": -1}
                 for r in rows]

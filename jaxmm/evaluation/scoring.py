@@ -10,11 +10,12 @@ import functools
 import jax
 import numpy as np
 
-from jaxmm import files, parallel, steps
-from jaxmm import metrics as metrics_lib
+from jaxmm import files
 from jaxmm.data import pipeline
 from jaxmm.errors import ConfigError
-from jaxmm.metrics import prediction_row
+from jaxmm.evaluation import metrics as metrics_lib
+from jaxmm.evaluation.metrics import prediction_row
+from jaxmm.training import parallel, steps
 
 
 def make_eval_fn(apply_fn, class_weights: np.ndarray, num_classes: int):

@@ -2,7 +2,8 @@
 variables restored and verified against the digest recorded when it was saved.
 
 Only orbax and NumPy: evaluation, prediction and export restore through here and never import
-the training side (optimizer, data pipeline). ``jaxmm.checkpointing`` writes what this reads.
+the training side (optimizer, data pipeline). ``jaxmm.training.checkpointing`` writes what
+this reads.
 """
 
 import json
@@ -15,8 +16,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jaxmm import digests, paths
+from jaxmm import paths
 from jaxmm.errors import UserError, WorkdirError
+from jaxmm.trained import digests
 
 _DIGEST = "digest"
 _TRAIN_ITEMS = ("state", "data_iter", "progress", _DIGEST)

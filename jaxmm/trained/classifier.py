@@ -17,9 +17,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from jaxmm import bundle, paths
+from jaxmm import paths
 from jaxmm.errors import BundleError, ConfigError
-from jaxmm.trained_model import padded_batches
+from jaxmm.trained import bundle
+from jaxmm.trained.model import padded_batches
 
 ENGINES = ("exported", "model")
 log = logging.getLogger("jaxmm")

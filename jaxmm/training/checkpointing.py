@@ -24,9 +24,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jaxmm import digests, paths
+from jaxmm import paths
 from jaxmm.errors import ConfigError, UserError, WorkdirError
-from jaxmm.restoring import (  # noqa: F401 (the readers are part of this module's interface)
+from jaxmm.trained import digests
+from jaxmm.trained.restoring import (  # noqa: F401 (the readers are part of this module's interface)
     _BEST_ITEMS,
     _DIGEST,
     _TRAIN_ITEMS,

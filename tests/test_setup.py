@@ -1,4 +1,4 @@
-"""Config checks of builders.validate_config: every bad value is one ConfigError naming its key,
+"""Config checks of setup_lib.validate_config: every bad value is one ConfigError naming its key,
 raised before any data is prepared."""
 
 import os
@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxmm import builders, losses
 from jaxmm.errors import ConfigError, UserError
+from jaxmm.training import losses
+from jaxmm.training import setup as setup_lib
 
 
 def _config(**overrides):
@@ -21,44 +22,44 @@ def _config(**overrides):
 
 
 def test_default_config_passes():
-    builders.validate_config(_config())
+    setup_lib.validate_config(_config())
 
 
-@pytest.mark.parametrize("key", builders.POSITIVE_INTS + builders.NON_NEGATIVE_INTS)
+@pytest.mark.parametrize("key", setup_lib.POSITIVE_INTS + setup_lib.NON_NEGATIVE_INTS)
 def test_whole_number_keys_are_checked(key):
-    bad = [-1] + ([0] if key in builders.POSITIVE_INTS else [])
+    bad = [-1] + ([0] if key in setup_lib.POSITIVE_INTS else [])
     for value in bad:
         with pytest.raises(ConfigError, match=f"^config.{key}={value} must be") as err:
-            builders.validate_config(_config(**{key: value}))
+            setup_lib.validate_config(_config(**{key: value}))
         assert "\n" not in str(err.value) and isinstance(err.value, UserError)
 
 
 def test_class_weights_from_the_command_line_and_their_errors():
     names, counts = ["Black", "Blue", "Green", "TTR"], {"Black": 2, "Blue": 4}
     for text in ("1.2,0.6,1.3,1.5", "[1.2, 0.6, 1.3, 1.5]", "1.2 0.6 1.3 1.5"):
-        builders.validate_config(_config(class_weights=text))  # what --config.x=... gives
+        setup_lib.validate_config(_config(class_weights=text))  # what --config.x=... gives
         np.testing.assert_allclose(losses.resolve_class_weights(text, names, counts),
                                    [1.2, 0.6, 1.3, 1.5])
     for text, match in (("1,2,x,4", "positive numbers"), ("1,0,1,1", "positive numbers"),
                         ("inverse", "expected 'balanced'")):
         with pytest.raises(ConfigError, match=match):
-            builders.validate_config(_config(class_weights=text))
+            setup_lib.validate_config(_config(class_weights=text))
     with pytest.raises(ConfigError, match="3 numbers for the 4 classes"):
-        builders.validate_config(_config(class_weights="1,2,3", class_names=tuple(names)))
+        setup_lib.validate_config(_config(class_weights="1,2,3", class_names=tuple(names)))
     with pytest.raises(ConfigError, match="need 4 positive numbers"):
         losses.resolve_class_weights("1,2,3", names, counts)
 
 
 def test_tokenizer_vocab_size_is_checked_only_when_one_is_trained():
-    builders.validate_config(_config(tokenizer="weights/distilbert", tokenizer_vocab_size=0))
+    setup_lib.validate_config(_config(tokenizer="weights/distilbert", tokenizer_vocab_size=0))
     with pytest.raises(ConfigError, match="tokenizer_vocab_size"):
-        builders.validate_config(_config(tokenizer="", tokenizer_vocab_size=5))
+        setup_lib.validate_config(_config(tokenizer="", tokenizer_vocab_size=5))
 
 
 @pytest.mark.parametrize("key", ["eval_batch_size", "log_every_steps", "keep_checkpoints"])
 def test_bad_value_fails_before_any_data_is_prepared(tmp_path, key):
     from configs import demo
-    from jaxmm import loop
+    from jaxmm.training import loop
 
     c = demo.get_config()
     c.data_dir = str(tmp_path / "data")

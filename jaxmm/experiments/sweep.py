@@ -2,17 +2,18 @@
 
 A sweep file is a Python file whose ``get_sweep()`` returns a list of override dicts::
 
-    from jaxmm.sweep import grid
+    from jaxmm.experiments.sweep import grid
 
     def get_sweep():
         return grid({"optim.lr_head": [1e-3, 3e-4], "model.fusion": ["concat", "gated"]})
 
 ``slurm/sweep.sh`` submits one Slurm job array for it; its two halves call this module:
 
-    python -m jaxmm.sweep plan --config C --sweep S --sweep_dir D [--active 1,3] [-- --config.K=V]
+    python -m jaxmm.experiments.sweep plan --config C --sweep S --sweep_dir D [--active 1,3]
+        [-- --config.K=V]
         checks every entry against the loaded config, writes D/sweep.json and prints the
         comma-separated indices of the runs still to do (finished and active ones are skipped)
-    python -m jaxmm.sweep task --sweep_dir D --index I
+    python -m jaxmm.experiments.sweep task --sweep_dir D --index I
         prints, one per line: "run" or "finished", the run's workdir, the config file and the
         ``--config.KEY=VALUE`` arguments of run I
 
@@ -34,7 +35,7 @@ from ml_collections import config_flags
 
 from jaxmm import cli, files, paths
 from jaxmm.errors import ConfigError
-from jaxmm.run_state import Status
+from jaxmm.training.progress import Status
 
 # Summary statuses of a run that is over: a resubmitted sweep skips these runs.
 DONE_STATUSES = (Status.FINISHED.value, Status.EARLY_STOPPED.value)
@@ -225,11 +226,11 @@ def plan_runs(config_file: str, sweep_file: str, common_args=()) -> list[RunSpec
     check_shared_data([c for _, c in checked])
     # The trainer's own checks that need no data; imported late (it loads models and data
     # code), once the cheap checks have passed.
-    from jaxmm import builders
+    from jaxmm.training import setup as setup_lib
 
     for spec, config in checked:
         try:
-            builders.validate_config(config)
+            setup_lib.validate_config(config)
         except ValueError as e:
             raise ConfigError(f"sweep entry {spec.index} {spec.overrides}: {e}") from None
     return [spec for spec, _ in checked]
@@ -305,14 +306,14 @@ def task_lines(sweep_dir: str, index: int) -> list[str]:
 
 def main(argv=None) -> int:
     """Command line of slurm/sweep.sh (``cli.run_argparse``'s exit codes)."""
-    return cli.run_argparse(_main, "jaxmm.sweep", argv)
+    return cli.run_argparse(_main, "jaxmm.experiments.sweep", argv)
 
 
 def _main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="jaxmm.sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="jaxmm.experiments.sweep", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="check a sweep, write sweep.json, print runs to submit")
     plan.add_argument("--config", required=True)

@@ -20,22 +20,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxmm import (
-    builders,
-    calibration,
-    checkpointing,
-    lock,
-    optim,
-    parallel,
-    scoring,
-    steps,
-    train_log,
-)
 from jaxmm.data import pipeline, prepared
 from jaxmm.errors import DivergedError
-from jaxmm.run_state import RunProgress, Status
-from jaxmm.trained_model import ModelSpec
-from jaxmm.workdir import Workdir, model_architecture
+from jaxmm.evaluation import calibration, scoring
+from jaxmm.trained.model import ModelSpec
+from jaxmm.trained.workdir import Workdir, model_architecture
+from jaxmm.training import checkpointing, lock, optim, parallel, steps, train_log
+from jaxmm.training import setup as setup_lib
+from jaxmm.training.progress import RunProgress, Status
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -74,7 +66,7 @@ class StopSignals:
 class Setup:
     """Everything a run is built from, before any state is restored or initialised."""
 
-    data: builders.Data
+    data: setup_lib.Data
     tokenizer: object
     model: object
     tx: object
@@ -86,13 +78,13 @@ class Setup:
 def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Checks the config, prepares the data (once), loads the tokenizer, builds the model and
     optimizer (no variables yet: a resume never initialises them)."""
-    builders.validate_config(config)
-    data = builders.prepared_data(config)
-    tokenizer = builders.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
-    steps_per_epoch, total_steps = builders.schedule_lengths(config, data.num_examples["train"])
-    model = builders.make_model(config, len(data.class_names), len(tokenizer))
-    tx = builders.make_optimizer(config, model, steps_per_epoch, total_steps)
-    weights = builders.class_weights(config, data.class_names, data.meta["counts"]["train"])
+    setup_lib.validate_config(config)
+    data = setup_lib.prepared_data(config)
+    tokenizer = setup_lib.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
+    steps_per_epoch, total_steps = setup_lib.schedule_lengths(config, data.num_examples["train"])
+    model = setup_lib.make_model(config, len(data.class_names), len(tokenizer))
+    tx = setup_lib.make_optimizer(config, model, steps_per_epoch, total_steps)
+    weights = setup_lib.class_weights(config, data.class_names, data.meta["counts"]["train"])
     return Setup(data, tokenizer, model, tx, weights, steps_per_epoch, total_steps)
 
 
@@ -109,19 +101,19 @@ def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.Train
     """The newest readable checkpoint (or ``config.resume_step``; data position included),
     else a fresh state with the pretrained towers (or, with ``init_from``, another run's
     weights). Either way the state reaches the devices in one host-to-device copy."""
-    ema = builders.uses_ema(config)
+    ema = setup_lib.uses_ema(config)
     resume_step = config.resume_step if config.resume_step >= 0 else None
     if ckpts.latest_step() is None and resume_step is None:
         for path in ckpts.start_fresh():
             logging.warning("fresh start: set aside %s, left by an earlier run", path)
-        variables = builders.init_variables(config, setup.model, log=logging.info,
+        variables = setup_lib.init_variables(config, setup.model, log=logging.info,
                                             class_names=setup.data.class_names)
-        return (builders.replicated_state(setup.model, setup.tx, variables, ema=ema),
+        return (setup_lib.replicated_state(setup.model, setup.tx, variables, ema=ema),
                 RunProgress(config=config.to_dict()))
     if config.get("init_from"):
         logging.info("the workdir has a checkpoint: resuming it (init_from applies to a fresh "
                      "start only)")
-    template = builders.host_state_template(config, setup.model, setup.tx)
+    template = setup_lib.host_state_template(config, setup.model, setup.tx)
     host, saved = ckpts.restore(template, train_iter, resume_step)
     progress = RunProgress.from_json(saved)
     step = int(host["step"])
@@ -134,7 +126,7 @@ def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.Train
     logging.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
     _warn_config_changes(progress.config, config)
     progress.config = config.to_dict()
-    state = builders.replicated_state(setup.model, setup.tx, host, step, host["opt_state"],
+    state = setup_lib.replicated_state(setup.model, setup.tx, host, step, host["opt_state"],
                                       ema=ema)
     return state, progress
 
@@ -164,7 +156,7 @@ class _Run:
         self.state, self.progress = _initial_state(config, setup, self.ckpts, self.train_iter)
         self.step = int(parallel.first(self.state.step))
         self.root_key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
-        self.train_fn = builders.train_step_fn(config, setup.class_weights)
+        self.train_fn = setup_lib.train_step_fn(config, setup.class_weights)
         self.validation = scoring.SplitEvaluator(
             config, setup.model, setup.data.class_names, setup.class_weights, setup.tokenizer,
             setup.data.sources["validation"], "validation")
@@ -257,7 +249,7 @@ def _write_run_record(config, wd: Workdir, setup: Setup, data_record: dict) -> N
     """config.json (what inference rebuilds the run from), written when the run starts."""
     data = setup.data
     spec = ModelSpec(tuple(data.class_names), model_architecture(setup.model, config),
-                     builders.preprocessing(config, data.meta))
+                     setup_lib.preprocessing(config, data.meta))
     wd.write_record({
         "config": config.to_dict(), "run": train_log.run_info(), "class_names": data.class_names,
         "class_weights": setup.class_weights.tolist(), "num_examples": data.num_examples,

@@ -8,7 +8,7 @@ and history.
 import dataclasses
 import enum
 
-from jaxmm.metrics import improves
+from jaxmm.evaluation.metrics import improves
 
 
 class Status(enum.StrEnum):

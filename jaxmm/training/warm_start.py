@@ -9,9 +9,10 @@ differs.
 import jax
 import numpy as np
 
-from jaxmm import checkpointing, paths
+from jaxmm import paths
 from jaxmm.errors import ConfigError, WorkdirError
-from jaxmm.workdir import Workdir, model_architecture, shapes_of
+from jaxmm.trained.workdir import Workdir, model_architecture, shapes_of
+from jaxmm.training import checkpointing
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

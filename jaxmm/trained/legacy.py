@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxmm import paths
 from jaxmm.errors import BundleError, WorkdirError
-from jaxmm.trained_model import ModelSpec, Preprocessing, temperature_of
+from jaxmm.trained.model import ModelSpec, Preprocessing, temperature_of
 
 log = logging.getLogger("jaxmm")
 
@@ -36,7 +36,7 @@ def upgrade_run_record(record: dict, workdir) -> dict:
       WorkdirError: a record older than format 1.
     """
     from jaxmm import models
-    from jaxmm.workdir import RECORD_VERSION, model_architecture
+    from jaxmm.trained.workdir import RECORD_VERSION, model_architecture
 
     path = workdir.file(paths.CONFIG_FILE)
     if "preprocessing" not in record or not os.path.isdir(workdir.file(paths.TOKENIZER_DIR)):

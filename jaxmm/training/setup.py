@@ -13,11 +13,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import checkpointing, losses, metrics, models, optim, parallel, paths, steps, warm_start
+from jaxmm import models, paths
 from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
-from jaxmm.trained_model import Preprocessing
+from jaxmm.evaluation import metrics
+from jaxmm.trained.model import Preprocessing
+from jaxmm.training import checkpointing, losses, optim, parallel, steps, warm_start
 
 # Config keys that must be whole numbers >= 1 (or >= 0), checked before anything runs.
 POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs", "checkpoint_every_steps",

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxmm import files, paths
 from jaxmm.errors import BundleError, ConfigError
-from jaxmm.trained_model import ModelSpec, Preprocessing, TrainedModel
+from jaxmm.trained.model import ModelSpec, Preprocessing, TrainedModel
 
 FORMAT = "jaxmm-bundle"
 FORMAT_VERSION = 2
@@ -141,7 +141,7 @@ def read_record(bundle_dir: str, verify: bool = True) -> dict:
         raise BundleError(f"{path}: bundle format version {version} is newer than this jaxmm "
                           f"reads ({FORMAT_VERSION}); upgrade jaxmm")
     if version == 1:
-        from jaxmm import legacy
+        from jaxmm.trained import legacy
 
         record = legacy.upgrade_bundle(record, path, FORMAT_VERSION, PLATFORMS)
     try:
@@ -405,7 +405,7 @@ def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=P
     Returns:
       The model.json record.
     """
-    from jaxmm.workdir import Workdir
+    from jaxmm.trained.workdir import Workdir
 
     wd = Workdir(workdir)
     trained = wd.load_model(checkpoint, calibrated=calibrated)

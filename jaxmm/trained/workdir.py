@@ -6,7 +6,7 @@ the closing summary, the fitted calibration, evaluation folders, the lock and or
 ``Workdir.load_model`` rebuilds the trained model from these alone, in a fresh process on any
 device count: no dataset, no pretrained weights, no optimizer.
 
-Run records written by older jaxmm versions are read by ``jaxmm.legacy`` and nowhere else.
+Run records written by older jaxmm versions are read by ``jaxmm.trained.legacy`` and nowhere else.
 """
 
 import json
@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxmm import files, paths
 from jaxmm.errors import ConfigError, WorkdirError
-from jaxmm.trained_model import ModelSpec, TrainedModel, architecture_of
+from jaxmm.trained.model import ModelSpec, TrainedModel, architecture_of
 
 RECORD_VERSION = 2
 _MAX_NAMED = 6  # at most this many data changes are named in a message
@@ -73,7 +73,7 @@ class Workdir:
         """The run record in the current format, or None for a fresh workdir."""
         record = files.read_json(self.file(paths.CONFIG_FILE))
         if isinstance(record, dict) and record.get("record_version", 1) < RECORD_VERSION:
-            from jaxmm import legacy
+            from jaxmm.trained import legacy
 
             record = legacy.upgrade_run_record(record, self)
         return record
@@ -214,7 +214,7 @@ class Workdir:
           WorkdirError: the file exists but is unreadable or its temperature is not a finite
             positive number.
         """
-        from jaxmm.trained_model import temperature_of
+        from jaxmm.trained.model import temperature_of
 
         path = self.file(paths.CALIBRATION_FILE)
         if not os.path.exists(path):
@@ -258,7 +258,7 @@ class Workdir:
         Returns:
           The TrainedModel; its variables are NumPy arrays on the host.
         """
-        from jaxmm import restoring
+        from jaxmm.trained import restoring
 
         spec = self.spec(calibrated)
         variables, step = restoring.restore_model(self.path, parse_checkpoint(checkpoint))

@@ -11,10 +11,13 @@ import os
 import statistics
 import time
 
-from jaxmm import files, lock, metrics, paths, sweep
+from jaxmm import files, paths
 from jaxmm.errors import ConfigError
-from jaxmm.run_state import Status
-from jaxmm.workdir import Workdir
+from jaxmm.evaluation import metrics
+from jaxmm.experiments import sweep
+from jaxmm.trained.workdir import Workdir
+from jaxmm.training import lock
+from jaxmm.training.progress import Status
 
 # A run without a closing summary counts as running while it wrote something this recently.
 DEFAULT_STALE_MINUTES = 30.0

@@ -1,0 +1,2 @@
+"""Evaluation: the split evaluator shared with training (``scoring``), metrics, calibration,
+the reports of ``jaxmm.evaluate`` (``report``) and explanations."""

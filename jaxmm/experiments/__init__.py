@@ -1,0 +1,2 @@
+"""Experiments across runs: sweeps (the Python half of slurm/sweep.sh) and run tables
+(``jaxmm.compare``)."""
