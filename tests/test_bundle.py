@@ -4,6 +4,7 @@ packages on the load path, a persistent compilation cache, and one-line errors f
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,103 @@ def test_predict_cli_bad_bundle_is_one_line(bundle_dir, expected, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = _predict("--model", bundle_dir, os.path.dirname(expected[0][0]))  # a folder
     assert proc.returncode == 1 and "give --out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _set(path, value):
+    def change(record):
+        node = record
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return change
+
+
+# (model.json field, bad value, words of the message); every field is checked on load.
+BAD_FIELDS = [
+    ("model.class_names", "Black", "class_names must be a list"),
+    ("model.class_names", [1, 2, 3, 4], "class_names must be a list"),
+    ("model.class_names", ["a", "a", "b", "c"], "distinct"),
+    ("model.class_names", ["a", "b", "c"], r"3 classes|needs float32 \[3\]"),
+    ("model.calibration", {"temperature": -1}, "calibration.temperature"),
+    ("model.calibration", {"temperature": 0}, "calibration.temperature"),
+    ("model.calibration", {"temperature": float("nan")}, "calibration.temperature"),
+    ("model.calibration", {"temperature": 1e308}, "calibration.temperature"),
+    ("model.calibration", {"temperature": "2"}, "calibration.temperature"),
+    ("model.calibration", {"temperature": [2]}, "calibration.temperature"),
+    ("model.preprocessing.stored_size", 0, "preprocessing.stored_size"),
+    ("model.preprocessing.crop_size", "32", "preprocessing.crop_size"),
+    ("model.preprocessing.crop_fraction", 1.5, "preprocessing.crop_fraction"),
+    ("model.preprocessing.resize_resample", "cubic", "preprocessing.resize_resample"),
+    ("model.preprocessing.stored_format", "gif", "preprocessing.stored_format"),
+    ("model.preprocessing.text_rule", [["upper"]], "preprocessing.text_rule"),
+    ("model.preprocessing.exif", True, "preprocessing.exif"),
+    ("model.architecture.modalities", "image", "architecture"),
+    ("weights.tensors.params/head/out/bias.dtype", "float16", "needs float16"),
+    ("tokenizer.pad_id", "0", "tokenizer.pad_id"),
+]
+# Fields the exported function fixes: the "model" engine rebuilds the model at any size.
+EXPORTED_ONLY = [
+    ("model.preprocessing.crop_size", 48, "crop_size 48"),
+    ("model.preprocessing.max_text_length", 20, "max_text_length 20"),
+]
+
+
+@pytest.mark.parametrize("engine", ["exported", "model"])
+@pytest.mark.parametrize("field, value, words", BAD_FIELDS + EXPORTED_ONLY,
+                         ids=[f"{f}={v!r}"[:60] for f, v, _ in BAD_FIELDS + EXPORTED_ONLY])
+def test_every_model_json_field_is_checked(bundle_dir, tmp_path, engine, field, value, words):
+    import jaxmm
+    from jaxmm.errors import BundleError
+
+    copy = _broken_copy(bundle_dir, tmp_path, "bad")
+    _rewrite_spec(copy, _set(field, value))
+    if engine == "model" and (field, value, words) in EXPORTED_ONLY:
+        jaxmm.Classifier.load(copy, engine=engine, cache_dir="")
+        return
+    with pytest.raises(BundleError) as info:
+        jaxmm.Classifier.load(copy, engine=engine, cache_dir="")
+    message = str(info.value)
+    assert "\n" not in message and re.search(words, message), message
+    assert "model.json" in message, message
+
+
+def test_export_keeps_what_is_not_its_own(trained_run, bundle_dir, tmp_path):
+    from jaxmm.errors import ConfigError
+    from jaxmm.trained import bundle
+
+    copy = _broken_copy(bundle_dir, tmp_path, "mine")
+    (tmp_path / "mine" / "NOTES.md").write_text("my notes")
+    bundle.export_run(trained_run, copy, calibrated=False)  # replaces a bundle's own files
+    assert (tmp_path / "mine" / "NOTES.md").read_text() == "my notes"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("x")
+    (busy / "model.json").write_text("{}")  # named like a bundle file, but no bundle
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for out, words in ((str(busy), "not a jaxmm bundle"), (str(afile), "not a folder"),
+                       ("", "--out is empty")):
+        with pytest.raises(ConfigError, match=words):
+            bundle.export_run(trained_run, out, calibrated=False)
+    assert sorted(os.listdir(busy)) == ["model.json", "thesis.tex"] and afile.read_text() == "x"
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no private folder left
+
+
+def test_predict_inputs_are_checked(bundle_dir, expected, caplog):
+    import jaxmm
+    from jaxmm.errors import ConfigError
+
+    files, texts, probs = expected
+    clf = jaxmm.Classifier.load(bundle_dir, cache_dir="")
+    got = clf.predict((f for f in files[:2]), iter(texts[:2])).probs  # iterables are fine
+    np.testing.assert_allclose(got, probs[:2], atol=1e-5)
+    with pytest.raises(ValueError, match=r"#0: an image array .* H, W > 0"):
+        clf.predict(np.zeros((0, 5, 3), np.uint8), "x")
+    with pytest.raises(ValueError, match=r"texts\[1\] must be a string, got int"):
+        clf.predict(files[:2], ["a", 3])
+    for size in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            jaxmm.Classifier.load(bundle_dir, batch_size=size, cache_dir="")
+    clf.predict(np.asarray(Image.open(files[0]).convert("RGB")))
+    assert "the empty text is used" in caplog.text

@@ -103,10 +103,10 @@ def test_record_roundtrip_and_bad_file(tmp_path):
     assert Workdir(str(tmp_path / "missing")).temperature() is None
     for bad in ('{"temperature": -1}', '{"temp": 2}', '{"temperature": true}',
                 '{"temperature": NaN}', '{"temperature": Infinity}', '{"temperature": "2"}',
-                '{"temperature": [2]}', '{"temperature": 0}'):
+                '{"temperature": [2]}', '{"temperature": 0}', '{"temperature": 1e308}'):
         (tmp_path / "calibration.json").write_text(bad)
         with pytest.raises(WorkdirError, match=r"calibration\.json: calibration\.temperature "
-                                               r"must be a finite positive number"):
+                                               r"must be a finite positive number in"):
             wd.temperature()
     (tmp_path / "calibration.json").write_text("not json")
     with pytest.raises(WorkdirError, match=r"calibration\.json: not readable"):

@@ -1,6 +1,7 @@
 """Damaged and half-finished checkpoints: a flipped byte, an unreadable newest step, a best
 model committed without its training checkpoint, a stale best model before a fresh start."""
 
+import json
 import os
 
 import grain
@@ -194,12 +195,16 @@ def test_evaluate_and_predict_without_best_model_name_what_exists(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_loop import ROOT, _env
+    from tests.support import REPO as ROOT
+    from tests.support import env as _env
 
     workdir = str(tmp_path / "run")
     _save_run(workdir)
+    model = {"class_names": ["a", "b"], "architecture": {"modalities": ["text"]},
+             "preprocessing": {"stored_size": 8, "crop_size": 8, "max_text_length": 4}}
     with open(os.path.join(workdir, paths.CONFIG_FILE), "w") as f:
-        f.write('{"config": {}, "class_names": ["a", "b"]}')
+        json.dump({"record_version": 2, "config": {}, "class_names": ["a", "b"],
+                   "model": model}, f)
     image = tmp_path / "x.png"
     image.write_bytes(b"never read: the checkpoint is looked up first")
     for command in (["jaxmm.evaluate", "--workdir", workdir],

@@ -198,9 +198,9 @@ def _reason(e: BaseException) -> str:
 def _array_image(array) -> Image.Image:
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
-            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"an image array must be uint8 [H, W] or [H, W, 1|3|4], got "
-                         f"{array.dtype} {array.shape}")
+            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)) or 0 in array.shape[:2]:
+        raise ValueError(f"an image array must be uint8 [H, W] or [H, W, 1|3|4] with H, W > 0, "
+                         f"got {array.dtype} {array.shape}")
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 

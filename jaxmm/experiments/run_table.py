@@ -162,7 +162,7 @@ def read_run(run: dict, stale_s: float = DEFAULT_STALE_MINUTES * 60, now=None) -
     """One comparison row (plus private "_config", "_history" and "notes" entries)."""
     workdir, notes = run["workdir"], []
     wd = Workdir(workdir)
-    record = files.read_json(wd.file(paths.CONFIG_FILE))
+    record = wd.stored_record()
     summary = wd.summary()
     config = record.get("config") if isinstance(record, dict) else None
     if os.path.isdir(workdir) and config is None:

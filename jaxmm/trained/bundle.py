@@ -19,7 +19,6 @@ Importing this module is cheap (no jax, flax or transformers); writing imports t
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -27,15 +26,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jaxmm import files, paths
+from jaxmm import files, paths, versions
 from jaxmm.errors import BundleError, ConfigError
 from jaxmm.trained.model import ModelSpec, Preprocessing, TrainedModel
 
 FORMAT = "jaxmm-bundle"
 FORMAT_VERSION = 2
 PLATFORMS = ("cpu", "cuda")
-PACKAGES = ("jax", "jaxlib", "flax", "numpy", "pillow", "safetensors", "tokenizers",
-            "transformers", "flatbuffers")
 ARGUMENTS = ("variables", "image", "input_ids", "attention_mask")
 # The files of a bundle that jaxmm writes; a re-export replaces these and nothing else.
 OWN_FILES = (paths.BUNDLE_SPEC_FILE, paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
@@ -251,19 +248,6 @@ def spec_of(record: dict) -> ModelSpec:
 
 # --- Writing -------------------------------------------------------------------------------------
 
-def package_versions() -> dict:
-    """Versions of jaxmm and of the packages a bundle is written and run with."""
-    from jaxmm import __version__
-
-    out = {"jaxmm": __version__}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def export_function(model, variables: dict, pre: Preprocessing, platforms=PLATFORMS) -> bytes:
     """Serializes (variables, uint8 images, ids, mask) -> float32 logits with jax.export.
 
@@ -387,7 +371,8 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
                         "values": int(sum(v.size for v in flat.values())),
                         "tensors": tensor_table(flat)},
             "tokenizer": _tokenizer_entry(trained.tokenizer, pre), "digests": digests,
-            "versions": package_versions(), "source": source, "extensions": {},
+            "versions": versions.package_versions(versions.BUNDLE), "source": source,
+            "extensions": {},
         }
         files.write_json(os.path.join(tmp, paths.BUNDLE_SPEC_FILE), record)
         _move_into(tmp, out_dir)

@@ -38,8 +38,14 @@ class Tokenizer:
             self._tok = RustTokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001
             raise BundleError(f"{path}: not a readable tokenizer ({bundle._reason(e)})") from None
-        length = bundle.spec_of(record).preprocessing.max_text_length
+        spec = bundle.spec_of(record)
+        length = spec.preprocessing.max_text_length
         entry = record["tokenizer"]
+        rows = (spec.architecture.get("text_config") or {}).get("vocab_size")
+        if rows is not None and self._tok.get_vocab_size() > rows:
+            raise BundleError(f"{path}: {self._tok.get_vocab_size()} token ids, but the text "
+                              f"tower's embedding has {rows} rows (model.architecture."
+                              "text_config.vocab_size): another model's tokenizer")
         self._tok.enable_truncation(max_length=length)
         self._tok.enable_padding(length=length, pad_id=entry["pad_id"],
                                  pad_token=entry["pad_token"])
@@ -102,12 +108,17 @@ def exported_logits(bundle_dir: str, record: dict):
                                                                  function.in_avals)
     bundle.check_tensors(bundle.tensor_table(bundle.flatten(variables)),
                          record["weights"]["tensors"], path, paths.BUNDLE_SPEC_FILE)
-    pre = bundle.spec_of(record).preprocessing
+    spec = bundle.spec_of(record)
+    pre = spec.preprocessing
     if tuple(image.shape[1:]) != (pre.crop_size, pre.crop_size, 3) or \
             ids.shape[1] != pre.max_text_length:
         raise BundleError(f"{path}: takes images {list(image.shape[1:])} and {ids.shape[1]} "
                           f"tokens, {paths.BUNDLE_SPEC_FILE} says crop_size {pre.crop_size} and "
                           f"max_text_length {pre.max_text_length}")
+    outputs = function.out_avals[0].shape[-1]
+    if outputs != len(spec.class_names):
+        raise BundleError(f"{path}: gives {outputs} logits, {paths.BUNDLE_SPEC_FILE} names "
+                          f"{len(spec.class_names)} classes in model.class_names")
     return jax.jit(function.call)
 
 
@@ -121,6 +132,7 @@ def model_logits(bundle_dir: str, record: dict):
     except ValueError as e:
         raise BundleError(f"{os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE)}: {e}") from None
     expected = bundle.tensor_table(bundle.flatten(spec.abstract_variables(model)))
+    # The head's width follows class_names, so a wrong class count shows as a shape here.
     bundle.check_tensors(record["weights"]["tensors"], expected,
                          os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE), "its architecture")
     return jax.jit(functools.partial(model.apply, train=False))
@@ -179,13 +191,27 @@ class Classifier:
         return cls(bundle_dir, record, fn, variables, batch_size, temperature or 1.0)
 
     def texts_for(self, images: list, texts) -> list[str]:
-        """Per-image texts: given, one for all, or the file-name rule ('' for in-memory images)."""
+        """Per-image texts: given, one for all, or the file-name rule (an in-memory image has no
+        file name: it gets the empty text, with a warning, since that changes the answer).
+
+        Raises:
+          ValueError: a text that is not a string, or not one text per image.
+        """
         if isinstance(texts, str):
             return [texts] * len(images)
         if texts is None:
+            unnamed = [i for i, image in enumerate(images)
+                       if not isinstance(image, (str, os.PathLike))]
+            if unnamed:
+                log.warning("image(s) %s are in memory and have no file name: the empty text is "
+                            "used; pass texts= to give each image its text", unnamed[:5])
             return [self.spec.preprocessing.text_of(os.fspath(i))
                     if isinstance(i, (str, os.PathLike)) else "" for i in images]
         texts = list(texts)
+        wrong = [k for k, t in enumerate(texts) if not isinstance(t, str)]
+        if wrong:
+            raise ValueError(f"texts[{wrong[0]}] must be a string, got "
+                             f"{type(texts[wrong[0]]).__name__}")
         if len(texts) != len(images):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
         return texts

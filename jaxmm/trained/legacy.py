@@ -12,21 +12,11 @@ every other module reads the current format only.
 import logging
 import os
 
-import ml_collections
-
 from jaxmm import paths
 from jaxmm.errors import BundleError, WorkdirError
 from jaxmm.trained.model import ModelSpec, Preprocessing, temperature_of
 
 log = logging.getLogger("jaxmm")
-
-
-def _tuples(value):
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
 
 
 def upgrade_run_record(record: dict, workdir) -> dict:
@@ -36,7 +26,7 @@ def upgrade_run_record(record: dict, workdir) -> dict:
       WorkdirError: a record older than format 1.
     """
     from jaxmm import models
-    from jaxmm.trained.workdir import RECORD_VERSION, model_architecture
+    from jaxmm.trained.workdir import RECORD_VERSION, config_of, model_architecture
 
     path = workdir.file(paths.CONFIG_FILE)
     if "preprocessing" not in record or not os.path.isdir(workdir.file(paths.TOKENIZER_DIR)):
@@ -53,7 +43,7 @@ def upgrade_run_record(record: dict, workdir) -> dict:
         pre.check(path)
     except (KeyError, TypeError, ValueError) as e:
         raise WorkdirError(f"{path}: unreadable preprocessing record ({e})") from None
-    config = ml_collections.ConfigDict(_tuples(record["config"]))
+    config = config_of(record)
     vocab = len(workdir.tokenizer())
     model = models.build_model(config.model, len(record["class_names"]), vocab, axis_name=None)
     spec = ModelSpec(tuple(record["class_names"]), model_architecture(model, config), pre)

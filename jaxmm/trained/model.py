@@ -29,6 +29,8 @@ SPEC_VERSION = 2
 # (the length of class_names) and the BatchNorm axis (a training-time setting).
 _NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name")
 TEXT_SOURCES = captions.TEXT_SOURCES
+# Temperatures a model may carry: twice the range the fit searches (0.02 to 50) on each side.
+TEMPERATURE_RANGE = (0.01, 100.0)
 IMAGE_FORMATS = ("jpeg", "png")
 
 
@@ -268,15 +270,17 @@ def temperature_of(calibration, where: str) -> float | None:
     """The temperature of a ``calibration`` entry (None or {"temperature": T, ...}).
 
     Raises:
-      ValueError: T is not a finite positive number.
+      ValueError: T is not a number in ``TEMPERATURE_RANGE`` (a negative T inverts the
+        predictions, 0 or NaN gives NaN, a huge T gives uniform probabilities).
     """
     if calibration is None:
         return None
     value = calibration.get("temperature") if isinstance(calibration, dict) else calibration
+    low, high = TEMPERATURE_RANGE
     if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not np.isfinite(value) or value <= 0):
-        _fail(where, "calibration.temperature", f"must be a finite positive number, got "
-              f"{value!r}")
+            or not np.isfinite(value) or not low <= value <= high):
+        _fail(where, "calibration.temperature", f"must be a finite positive number in "
+              f"[{low}, {high}], got {value!r}")
     return float(value)
 
 

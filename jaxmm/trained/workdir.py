@@ -38,12 +38,17 @@ def parse_checkpoint(which) -> str:
 
 
 def _tuples(value):
-    # JSON turned the config's tuples into lists; ConfigDict fields keep their first type.
     if isinstance(value, dict):
         return {k: _tuples(v) for k, v in value.items()}
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+def config_of(record: dict) -> ml_collections.ConfigDict:
+    """A run record's config as a ConfigDict (JSON turned the config's tuples into lists, and
+    ConfigDict fields keep their first type)."""
+    return ml_collections.ConfigDict(_tuples(record["config"]))
 
 
 class Workdir:
@@ -69,9 +74,14 @@ class Workdir:
             paths.CONFIG_FILE, paths.METRICS_FILE, paths.SUMMARY_FILE, paths.CHECKPOINTS_DIR))
 
     # --- the run record ------------------------------------------------------------------------
+    def stored_record(self) -> dict | None:
+        """The run record as stored, not upgraded (None when missing or unreadable): enough
+        for the config and class names, and cheap for any format (``jaxmm.compare``)."""
+        return files.read_json(self.file(paths.CONFIG_FILE))
+
     def record(self) -> dict | None:
         """The run record in the current format, or None for a fresh workdir."""
-        record = files.read_json(self.file(paths.CONFIG_FILE))
+        record = self.stored_record()
         if isinstance(record, dict) and record.get("record_version", 1) < RECORD_VERSION:
             from jaxmm.trained import legacy
 
@@ -139,7 +149,7 @@ class Workdir:
 
     def config(self) -> ml_collections.ConfigDict:
         """The config the run was trained with."""
-        return ml_collections.ConfigDict(_tuples(self.read_record()["config"]))
+        return config_of(self.read_record())
 
     def spec(self, calibrated: bool = True) -> ModelSpec:
         """The trained model's spec, with the fitted temperature when ``calibrated``.

@@ -106,11 +106,13 @@ class Checkpoints:
         return sorted(self._latest.all_steps())
 
     def save(self, step: int, state: dict, iterator_state, progress: dict) -> None:
-        """Saves a host-side train state asynchronously (a step already saved is kept).
+        """Saves a train state asynchronously (a step already saved is kept); orbax copies the
+        arrays to the host itself.
 
         Args:
           step: the train step the state is at.
-          state: NumPy pytree {step, params, batch_stats, opt_state}.
+          state: {step, params, batch_stats, opt_state[, ema_params]}: global replicated device
+            arrays (``parallel.replicated_view``) or NumPy arrays.
           iterator_state: grain iterator state right after the last trained batch.
           progress: JSON-ready loop bookkeeping (epoch, best metric, history, ...).
         """

@@ -3,7 +3,6 @@ versions and devices, a learning-curve PNG, a progress bar and the closing summa
 here is a no-op on processes other than 0."""
 
 import datetime
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -13,10 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxmm import paths
-
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-             "tensorflow-datasets", "transformers", "numpy")
+from jaxmm import paths, versions
 
 
 def is_writer() -> bool:
@@ -36,14 +32,8 @@ def _git_commit() -> str | None:
 
 def run_info() -> dict:
     """Package versions, devices, processes and the git commit of this run."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return {
-        "versions": versions,
+        "versions": versions.package_versions(versions.TRAINING),
         "device_kind": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
         "device_count": jax.device_count(),
