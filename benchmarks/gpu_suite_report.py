@@ -92,16 +92,17 @@ def demo_checks(work: str, name: str, cpu_accuracy: float) -> dict | None:
     summary = _load(os.path.join(workdir, paths.SUMMARY_FILE))
     if summary is None:
         return None
+    from jaxmm.trained.workdir import Workdir
+
+    wd = Workdir(workdir)
     losses = []
     try:
-        with open(os.path.join(workdir, paths.METRICS_FILE), encoding="utf-8") as f:
+        with open(wd.file(paths.METRICS_FILE), encoding="utf-8") as f:
             losses = [json.loads(line).get("loss") for line in f if line.strip()]
     except OSError:
         pass
     finite = all(x is None or math.isfinite(x) for x in losses)
-    from jaxmm.evaluation import report as eval_report
-
-    test_dir = eval_report.eval_dir(workdir, "test", "best", 0)  # what the suite's evaluate wrote
+    test_dir = wd.eval_dir("test", "best", 0)  # what the suite's evaluate wrote
     test = _load(os.path.join(test_dir, paths.EVAL_METRICS_FILE)) or {}
     acc = test.get("accuracy")
     return {"status": summary.get("status"), "compile_seconds": summary.get("compile_seconds"),

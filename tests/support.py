@@ -1,8 +1,12 @@
 """Helpers shared by the test modules (plain functions and constants; fixtures are in
 conftest.py)."""
 
+import atexit
 import csv
+import functools
 import os
+import shutil
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Split sizes of the tiny demo data of ``eval_tiny_config``: validation 10, test 16; neither
@@ -45,3 +49,19 @@ def eval_tiny_config(root: str):
     c.model.modality_dropout = 0.2
     c.checkpoint_every_steps = 100
     return c
+
+
+@functools.cache
+def demo_dataset() -> tuple[str, str]:
+    """(raw dir, dataset dir) of a small prepared synthetic dataset, built once per process
+    (a per-process path plus prepare's idempotence)."""
+    from jaxmm.data import prepared, synthetic
+
+    root = os.path.join(tempfile.gettempdir(), f"jaxmm_test_data_{os.getpid()}")
+    raw = os.path.join(root, "raw")
+    if not os.path.isdir(raw):
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        synthetic.generate(raw, per_class=12, seed=0, max_side=96, workers=1)
+    ds_dir, _ = prepared.prepare(raw, os.path.join(root, "out"), stored_image_size=48, workers=1,
+                                log=lambda s: None)
+    return raw, ds_dir

@@ -109,7 +109,7 @@ def test_input_pipeline_measures_startup_and_steady_state():
     from ml_collections import ConfigDict
 
     from jaxmm.data import pipeline, prepared
-    from tests.test_prepare import demo_dataset
+    from tests.support import demo_dataset
 
     ip = _load("input_pipeline")
     assert ip.worker_counts("0,2,auto,2") == [0, 2, max(1, os.cpu_count() - 2)]

@@ -2,7 +2,6 @@
 and the progress output of batch jobs (log lines instead of a redrawn bar)."""
 
 import json
-import os
 import re
 import subprocess
 
@@ -11,8 +10,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxmm import files, paths
+from jaxmm import paths
 from jaxmm.errors import ConfigError
+from jaxmm.trained.model import ModelSpec
+from jaxmm.trained.workdir import Workdir, model_architecture
 from jaxmm.training import checkpointing, loop, parallel, train_log
 from jaxmm.training import setup as setup_lib
 from tests.test_loop import ROOT, _env, _train_cmd, tiny_config
@@ -32,8 +33,11 @@ def _fake_source(workdir, config, setup, seed=3) -> dict:
     rng = np.random.default_rng(seed)
     variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
                              setup_lib.abstract_variables(config, setup.model))
-    files.write_json(os.path.join(workdir, paths.CONFIG_FILE),
-                     {"config": config.to_dict(), "class_names": setup.data.class_names})
+    spec = ModelSpec(tuple(setup.data.class_names), model_architecture(setup.model, config),
+                     setup_lib.preprocessing(config, setup.data.meta))
+    Workdir(str(workdir)).write_record({"config": config.to_dict(),
+                                        "class_names": setup.data.class_names,
+                                        "model": spec.to_json()})
     ckpts = checkpointing.Checkpoints(str(workdir), 1)
     ckpts.save_best(40, variables, {})
     ckpts.close()

@@ -8,7 +8,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from jaxmm.data import pipeline, prepared, transforms
-from tests.test_prepare import demo_dataset
+from tests.support import demo_dataset
 
 
 class FakeSource:

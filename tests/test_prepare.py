@@ -1,11 +1,8 @@
 """Tests of prepare: report, bad input, idempotence, errors, ensure_prepared."""
 
-import atexit
-import functools
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -17,23 +14,7 @@ from jaxmm import paths
 from jaxmm import prepare as prepare_cli
 from jaxmm.data import prepared, synthetic
 from jaxmm.errors import PrepareError
-
-
-@functools.cache
-def demo_dataset() -> tuple[str, str]:
-    """(raw dir, dataset dir) of a small prepared synthetic dataset, shared by test modules.
-
-    Other modules import this function, so this file may be loaded twice (as a test module and
-    as tests.test_prepare); a per-process path plus prepare's idempotence builds it only once.
-    """
-    root = os.path.join(tempfile.gettempdir(), f"jaxmm_test_data_{os.getpid()}")
-    raw = os.path.join(root, "raw")
-    if not os.path.isdir(raw):
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        synthetic.generate(raw, per_class=12, seed=0, max_side=96, workers=1)
-    ds_dir, _ = prepared.prepare(raw, os.path.join(root, "out"), stored_image_size=48, workers=1,
-                                log=lambda s: None)
-    return raw, ds_dir
+from tests.support import demo_dataset
 
 
 def _records(ds_dir, split):

@@ -8,7 +8,7 @@ from ml_collections import ConfigDict
 
 from jaxmm.data import prepared
 from jaxmm.data import tokenizer as tokenizer_lib
-from tests.test_prepare import demo_dataset
+from tests.support import demo_dataset
 
 
 def test_trained_wordpiece_is_distilbert_compatible(tmp_path):

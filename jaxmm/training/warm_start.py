@@ -71,7 +71,8 @@ def load(spec: str, model, config, class_names, template: dict) -> tuple[dict, i
       ({"params", "batch_stats"} as NumPy arrays, the source checkpoint's step).
     """
     workdir, which = parse_spec(spec)
-    record = Workdir(workdir).record()
+    # Any format: the class list and, when recorded, the architecture (for the hints).
+    record = Workdir(workdir).stored_record()
     if not isinstance(record, dict):
         raise WorkdirError(f"init_from {spec}: {workdir} has no readable {paths.CONFIG_FILE}; "
                            "is it a training workdir?")
