@@ -62,9 +62,12 @@ def graph() -> dict[str, set[str]]:
     the package runs (the package's top-level imports; ``jaxmm.Classifier`` is imported only
     when that attribute is used)."""
     known = _modules()
-    out = {m: _imports(p, m, known) for m, p in known.items()}
-    out.update({f"{m}@init": _imports(p, m, known, top_level=True) for m, p in known.items()
-                if p.endswith("__init__.py")})
+    packages = {m for m, p in known.items() if p.endswith("__init__.py")}
+    # Importing a package (``from jaxmm import __version__``) runs its top level only.
+    at_init = lambda names: {f"{n}@init" if n in packages else n for n in names}  # noqa: E731
+    out = {m: at_init(_imports(p, m, known)) for m, p in known.items()}
+    out.update({f"{m}@init": at_init(_imports(p, m, known, top_level=True))
+                for m, p in known.items() if m in packages})
     return out
 
 
