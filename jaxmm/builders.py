@@ -13,7 +13,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmm import checkpointing, losses, models, optim, parallel, paths, steps, warm_start
+from jaxmm import (
+    checkpointing,
+    losses,
+    models,
+    optim,
+    parallel,
+    paths,
+    steps,
+    tracking,
+    warm_start,
+)
 from jaxmm.data import builder, pipeline, prepared
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
@@ -73,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
+    tracking.check_config(config)
 
 
 @dataclasses.dataclass

@@ -14,7 +14,17 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmm import calibration, explain, files, parallel, paths, restore, scoring, train_log
+from jaxmm import (
+    calibration,
+    explain,
+    files,
+    parallel,
+    paths,
+    restore,
+    scoring,
+    tracking,
+    train_log,
+)
 from jaxmm.data import dedup, transforms
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
@@ -252,6 +262,7 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
         notes += ablation_notes
     if train_log.is_writer():
         _write_all(result, evaluator, predictions, labels, temperature, explain_first)
+        tracking.log_evaluation(workdir, metrics, out_dir)  # when the run is tracked
     return result
 
 

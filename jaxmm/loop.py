@@ -33,6 +33,7 @@ from jaxmm import (
     run_record,
     scoring,
     steps,
+    tracking,
     train_log,
 )
 from jaxmm.data import pipeline
@@ -288,6 +289,7 @@ def _start(config, workdir: str) -> "_Run":
         if not resuming or run_record.read(workdir) is None:
             _write_run_record(config, workdir, setup, data)
         builders.keep_tokenizer(setup.tokenizer, workdir)
+        run.writer.tracker = tracking.for_training(config, workdir)  # None when off
     return run
 
 
