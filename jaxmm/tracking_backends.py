@@ -30,8 +30,9 @@ def _sqlite_path(uri: str) -> str | None:
 
 @contextlib.contextmanager
 def _store_lock(uri: str):
-    """Serialises the creation of a SQLite store and its experiments between processes (array
-    tasks starting at once would otherwise race to create the same tables)."""
+    """Serialises the writers of one SQLite store between processes: array tasks starting at
+    once would otherwise race to create the same tables, and a writer that waits longer than
+    SQLite's busy timeout (5 s) for another would fail."""
     path = _sqlite_path(uri)
     if path is None:
         yield
@@ -69,20 +70,20 @@ class MlflowBackend:
 
         _quiet_libraries()  # After the import: mlflow sets its own logger's level on import.
 
-        with _store_lock(self.where):
+        params = {k[:_MAX_KEY]: v[:_MAX_VALUE]
+                  for k, v in tracking.flat_params(record.get("config") or {}).items()}
+        with _store_lock(self.where):  # not re-entrant: set_tags below takes it again
             self._client = MlflowClient(self.where)
             if run_id is None:
                 created = self._client.create_run(self._experiment_id(), run_name=run_name)
                 run_id = created.info.run_id
+            run = self._client.get_run(run_id)
+            if resume and run.info.status != "RUNNING":
+                self._client.update_run(run_id, status="RUNNING")
+            new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
+            for i in range(0, len(new), _BATCH):
+                self._client.log_batch(run_id, params=new[i:i + _BATCH])
         self._run_id = run_id
-        run = self._client.get_run(run_id)
-        if resume and run.info.status != "RUNNING":
-            self._client.update_run(run_id, status="RUNNING")
-        params = {k[:_MAX_KEY]: v[:_MAX_VALUE]
-                  for k, v in tracking.flat_params(record.get("config") or {}).items()}
-        new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
-        for i in range(0, len(new), _BATCH):
-            self._client.log_batch(run_id, params=new[i:i + _BATCH])
         self.set_tags(tags)
         return run_id, self._logged_steps(run)
 
@@ -119,7 +120,8 @@ class MlflowBackend:
 
         now = int(time.time() * 1000)
         metrics = [Metric(f"{kind}/{k}"[:_MAX_KEY], v, now, step) for k, v in values.items()]
-        self._client.log_batch(self._run_id, metrics=metrics)
+        with _store_lock(self.where):
+            self._client.log_batch(self._run_id, metrics=metrics)
 
     def log_artifact(self, path: str, folder: str) -> None:
         self._client.log_artifact(self._run_id, path, folder or None)
@@ -128,12 +130,15 @@ class MlflowBackend:
         from mlflow.entities import RunTag
 
         items = [RunTag(k[:_MAX_KEY], str(v)[:_MAX_VALUE]) for k, v in tags.items()]
-        for i in range(0, len(items), _BATCH):
-            self._client.log_batch(self._run_id, tags=items[i:i + _BATCH])
+        with _store_lock(self.where):
+            for i in range(0, len(items), _BATCH):
+                self._client.log_batch(self._run_id, tags=items[i:i + _BATCH])
 
     def close(self, status: str | None) -> None:
         if status is not None and self._run_id is not None:
-            self._client.set_terminated(self._run_id, _MLFLOW_STATUS.get(status, "FINISHED"))
+            with _store_lock(self.where):
+                self._client.set_terminated(self._run_id,
+                                            _MLFLOW_STATUS.get(status, "FINISHED"))
 
 
 class WandbBackend:

@@ -138,27 +138,36 @@ def _start_server(tmp_path):
     raise AssertionError("mlflow server did not start")
 
 
-def _median_speed(workdir):
-    """Median samples/s of the train rows, without the first (it holds the compile)."""
-    rows = sorted((r for (k, _), r in _metrics_rows(workdir).items() if k == "train"),
-                  key=lambda r: r["step"])
-    return statistics.median(r["samples_per_s"] for r in rows[1:])
+def _step_speeds(workdir):
+    """samples/s of the train rows that time train steps only: the first row of an epoch also
+    holds the compile, or the previous epoch's validation and checkpoint."""
+    spe = json.load(open(workdir / "config.json"))["steps_per_epoch"]
+    return [r["samples_per_s"] for (k, s), r in _metrics_rows(workdir).items()
+            if k == "train" and (s - 1) % spe]
+
+
+def _run(workdir, data_dir, **overrides):
+    out = subprocess.run(_train_cmd(workdir, data_dir, **_TIMED, **overrides),
+                         env=_tracking_env(), capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _step_speeds(workdir)
+
+
+# A row every step, checkpoints only at epoch ends: rows that time the steps alone.
+_TIMED = {"num_epochs": 4, "log_every_steps": 1, "checkpoint_every_steps": 1000}
 
 
 def test_server_killed_mid_run_is_one_warning_and_costs_no_speed(data_dir, tmp_path):
-    longer = {"num_epochs": 4, "log_every_steps": 1}
-    plain = tmp_path / "plain"
-    out = subprocess.run(_train_cmd(plain, data_dir, **longer), env=_tracking_env(),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    plain = _run(tmp_path / "plain", data_dir)
     server, uri = _start_server(tmp_path)
-    tracked = tmp_path / "tracked"
+    tracked_dir = tmp_path / "tracked"
     try:
-        proc = subprocess.Popen(_train_cmd(tracked, data_dir, tracking="mlflow",
-                                           tracking_uri=uri, **longer),
+        proc = subprocess.Popen(_train_cmd(tracked_dir, data_dir, tracking="mlflow",
+                                           tracking_uri=uri, **_TIMED),
                                 env=_tracking_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        _wait_for_state(tracked, proc, 2)
+        _wait_for_state(tracked_dir, proc, 2)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
@@ -166,13 +175,23 @@ def test_server_killed_mid_run_is_one_warning_and_costs_no_speed(data_dir, tmp_p
     assert proc.returncode == 0, err[-3000:]
     warnings = [line for line in err.splitlines() if "tracking (" in line]
     assert len(warnings) == 1 and uri in warnings[0], warnings
-    assert json.load(open(tracked / "train_summary.json"))["status"] == "finished"
+    assert json.load(open(tracked_dir / "train_summary.json"))["status"] == "finished"
     # What reached the server before it died is there, read from its own database.
     client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
-    run_id = tracking.read_state(str(tracked))["run_id"]
+    run_id = tracking.read_state(str(tracked_dir))["run_id"]
     assert client.get_run(run_id).data.params["tracking_uri"] == uri
     assert [s for s, _ in _history(client, run_id, "train/loss")][:2] == [1, 2]
-    # The loop's own throughput: tracking (and its dead server) must not slow training.
-    plain_speed, tracked_speed = _median_speed(plain), _median_speed(tracked)
-    print(f"median samples/s: without tracking {plain_speed:.1f}, tracked {tracked_speed:.1f}")
-    assert tracked_speed >= 0.95 * plain_speed
+    # The loop's own step throughput must not drop by more than 5 %. Other jobs on the machine
+    # move a run's median by more than that, so a shortfall is measured once more, tracked run
+    # first this time (its server is still dead), and the pooled medians decide.
+    tracked = _step_speeds(tracked_dir)
+    ratio = statistics.median(tracked) / statistics.median(plain)
+    print(f"median samples/s: without tracking {statistics.median(plain):.1f}, "
+          f"tracked {statistics.median(tracked):.1f} ({len(plain)} and {len(tracked)} steps)")
+    if ratio < 0.95:
+        tracked += _run(tmp_path / "tracked2", data_dir, tracking="mlflow", tracking_uri=uri)
+        plain += _run(tmp_path / "plain2", data_dir)
+        ratio = statistics.median(tracked) / statistics.median(plain)
+        print(f"again, pooled: without tracking {statistics.median(plain):.1f}, tracked "
+              f"{statistics.median(tracked):.1f}")
+    assert ratio >= 0.95
