@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import threading
+import time
 
 from absl import logging
 
@@ -158,6 +159,9 @@ class Tracker:
         self._queue = queue.Queue(queue_size)
         self._state = {"last_step": {}}
         self._failed = self._closed = self._full = False
+        # The package is imported here, before the first step: imported by the thread, its
+        # seconds of Python would hold the interpreter lock while the loop runs.
+        self._guarded(backend.load)
         self._thread = threading.Thread(target=self._work, name="jaxmm-tracking", daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
@@ -186,9 +190,10 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         try:
             self._queue.put(("close", status), timeout=timeout)
-            self._thread.join(timeout)
+            self._thread.join(max(deadline - time.monotonic(), 0.0))
         except queue.Full:
             pass
         if self._thread.is_alive():
@@ -312,12 +317,12 @@ def for_training(config, workdir: str) -> Tracker | None:
 
 def log_evaluation(workdir: str, metrics: dict, out_dir: str) -> None:
     """Adds an evaluation (metrics at the checkpoint's step, as kind ``<split>[-<towers>]``,
-    and its figures) to the run's tracked run, when the run was tracked; waits for it."""
+    and its figures) to the run's tracked run, in the store training used, when the run was
+    tracked; waits for it."""
     state = read_state(workdir)
     if not state.get("backend"):
         return
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or state.get("where")
-    backend = make_backend(state["backend"], workdir, state.get("experiment"), uri)
+    backend = make_backend(state["backend"], workdir, state.get("experiment"), state["where"])
     tracker = Tracker(backend, workdir, training=False)
     tracker.log_metrics(metrics["checkpoint_step"], os.path.basename(out_dir), metrics)
     folder = os.path.relpath(out_dir, workdir)

@@ -1,6 +1,7 @@
 """The tracking backends behind ``tracking.Tracker``: MLflow and W&B (offline).
 
-Each backend has the same small interface, called from the tracker's background thread only:
+Each backend has the same small interface: ``load()`` imports its package (before training
+starts); the rest is called from the tracker's background thread only:
 ``start(run_id, record, tags, run_name, resume)`` returns the tracked run's id and the highest
 step it holds per kind of row; ``log_metrics(step, kind, values)``, ``log_artifact(path,
 folder)``, ``set_tags(tags)`` and ``close(status)``. mlflow and wandb are imported here, when a
@@ -61,6 +62,10 @@ class MlflowBackend:
     def __init__(self, uri: str, experiment: str):
         self.where, self.experiment = uri, experiment
         self._client = self._run_id = None
+
+    def load(self) -> None:
+        """Imports mlflow (seconds; called before training starts)."""
+        import mlflow.tracking  # noqa: F401
 
     def start(self, run_id, record: dict, tags: dict, run_name: str, resume: bool):
         for key, value in tracking.MLFLOW_HTTP_DEFAULTS.items():
@@ -154,6 +159,10 @@ class WandbBackend:
     def __init__(self, workdir: str, experiment: str):
         self.where, self.experiment = os.path.abspath(workdir), experiment
         self._run = None
+
+    def load(self) -> None:
+        """Imports wandb (seconds; called before training starts)."""
+        import wandb  # noqa: F401
 
     def start(self, run_id, record: dict, tags: dict, run_name: str, resume: bool):
         del resume

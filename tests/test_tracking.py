@@ -27,6 +27,9 @@ class _Backend:
         self.where, self.experiment = "memory", "e"
         self.calls, self.fail, self.gate = [], fail, gate
 
+    def load(self):
+        pass
+
     def start(self, run_id, record, tags, run_name, resume):
         self.calls.append(("start", run_id, run_name, resume))
         return run_id or "run-1", {}
