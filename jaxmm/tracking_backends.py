@@ -64,7 +64,9 @@ class MlflowBackend:
         self._client = self._run_id = None
 
     def load(self) -> None:
-        """Imports mlflow (seconds; called before training starts)."""
+        """Imports mlflow (seconds; called before training starts) with its usage telemetry
+        off: compute nodes contact nothing but the tracking store."""
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow.tracking  # noqa: F401
 
     def start(self, run_id, record: dict, tags: dict, run_name: str, resume: bool):

@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory):
 
 def _tracking_env(**extra):
     env = {k: v for k, v in _env().items() if not k.startswith(("MLFLOW_", "SLURM_"))}
-    return {**env, **extra}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
 
 
 def _metrics_rows(workdir):
@@ -95,6 +95,7 @@ def test_killed_run_resumes_one_mlflow_run_equal_to_metrics_jsonl(data_dir, tmp_
     assert len(run.data.tags["best_checkpoint.sha256"]) == 64
     assert {a.path for a in client.list_artifacts(run_id)} >= {"learning_curves.png",
                                                                "train_summary.json"}
+    _assert_cheap(workdir)
     _evaluate_and_compare(client, run_id, workdir, summary)
 
 
@@ -113,6 +114,16 @@ def _evaluate_and_compare(client, run_id, workdir, summary):
     best = dict(_history(client, run_id, "val/macro_f1"))[summary["best_step"]]
     assert row["val_macro_f1"] == best
     assert row["test_macro_f1"] == dict(_history(client, run_id, "test/macro_f1"))[step]
+
+
+def _assert_cheap(workdir):
+    """Past its start (opening the store and the run, once per process), the tracker's thread
+    used at most 5 % of the training process's CPU time: a measure that other jobs on the
+    machine do not move, unlike step times."""
+    cost = tracking.read_state(str(workdir))["cpu_seconds"]
+    print(f"tracking thread {cost['tracking_thread']:.2f} s (start {cost['start']:.2f} s) of "
+          f"{cost['process']:.1f} s CPU")
+    assert 0 <= cost["tracking_thread"] - cost["start"] <= 0.05 * cost["process"], cost
 
 
 def _start_server(tmp_path):
@@ -193,16 +204,21 @@ def test_server_killed_mid_run_is_one_warning_and_costs_no_speed(data_dir, tmp_p
     run_id = tracking.read_state(str(tracked_dir))["run_id"]
     assert client.get_run(run_id).data.params["tracking_uri"] == uri
     assert [s for s, _ in _history(client, run_id, "train/loss")][:2] == [1, 2]
-    # The loop's own step throughput must not drop by more than 5 %. Two runs side by side on
-    # 2 shared cores still differ by up to ~6 % by chance, so a shortfall is measured once more
-    # (the server stays dead) and the pooled medians decide.
+    # Tracking's budget is 5 % of training's time: its thread's CPU share says so whatever else
+    # runs on the machine.
+    _assert_cheap(tracked_dir)
+    # The loop's own median step throughput, with and without tracking side by side. Other jobs
+    # on 2 shared cores move one run against the other by -6 % to +41 % here, so this bound
+    # is generous: it catches a loop that waits for the tracker (a dead server's retries take
+    # seconds per row), not a few per cent. A shortfall is measured once more (the server stays
+    # dead) and the pooled medians decide.
     ratio = statistics.median(tracked) / statistics.median(plain)
     print(f"median samples/s: without tracking {statistics.median(plain):.1f}, "
           f"tracked {statistics.median(tracked):.1f} ({len(plain)} and {len(tracked)} steps)")
-    if ratio < 0.95:
+    if ratio < 0.8:
         more_plain, more_tracked, _ = _side_by_side(tmp_path, data_dir, uri, suffix="2")
         plain, tracked = plain + more_plain, tracked + more_tracked
         ratio = statistics.median(tracked) / statistics.median(plain)
         print(f"again, pooled: without tracking {statistics.median(plain):.1f}, tracked "
               f"{statistics.median(tracked):.1f}")
-    assert ratio >= 0.95
+    assert ratio >= 0.8
