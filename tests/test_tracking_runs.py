@@ -199,6 +199,9 @@ def test_server_killed_mid_run_is_one_warning_and_costs_no_speed(data_dir, tmp_p
     assert len(warnings) == 1 and uri in warnings[0], warnings
     tracked_dir = tmp_path / "tracked"
     assert json.load(open(tracked_dir / "train_summary.json"))["status"] == "finished"
+    # Without tracking nothing is written for it.
+    assert not (tmp_path / "plain" / "tracking.json").exists()
+    assert not (tmp_path / "mlflow.db").exists()
     # What reached the server before it died is there, read from its own database.
     client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
     run_id = tracking.read_state(str(tracked_dir))["run_id"]
