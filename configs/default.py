@@ -85,6 +85,13 @@ def get_config():
     c.log_every_seconds = 30.0  # Output not a terminal (Slurm logs): a progress line this often.
     c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
     c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.
+    # Experiment tracking (needs requirements-tracking.txt; docs/tracking.md). metrics.jsonl stays
+    # the record of truth; a tracking failure is one warning and training goes on.
+    c.tracking = ""  # "" = off, "mlflow", or "wandb" (offline, into <workdir>/wandb; sync later).
+    c.tracking_uri = ""  # MLflow store; "" = sqlite:///<workdir's parent>/mlflow.db. The
+    # MLFLOW_TRACKING_URI environment variable wins over both.
+    c.tracking_experiment = "jaxmm"  # Experiment (W&B project) name; a sweep's runs use the
+    # sweep folder's name instead.
     # Every whole-number field above is checked (>= 1, or >= 0 for patience, num_workers and
     # prefetch_batches) before any data is prepared (builders.validate_config).
     return c

@@ -23,6 +23,7 @@ TOKENIZER_DIR = "tokenizer"  # the tokenizer the run was trained with (a copy)
 SET_ASIDE_DIR = "set_aside"  # checkpoints moved out of the way (unreadable, or from a replay)
 LOCK_FILE = "train.lock"  # host, pid and Slurm job of the training run using the workdir
 CALIBRATION_FILE = "calibration.json"  # temperature fitted on validation (+ before/after)
+TRACKING_FILE = "tracking.json"  # tracked run (MLflow/W&B) id and highest step logged per kind
 # --- In an evaluation folder or a predict --explain folder
 RELIABILITY_FILE = "reliability_diagram.png"  # accuracy vs confidence per bin, with counts
 EXPLANATIONS_DIR = "explanations"  # one PNG per explained example
@@ -38,6 +39,9 @@ BUNDLE_FUNCTION_FILE = "predict.jaxexport"  # serialized jax.export function (St
 SWEEP_FILE = "sweep.json"  # the runs of the sweep: names, overrides, trainer arguments
 SWEEP_LOGS_DIR = "logs"  # the Slurm output of the array tasks
 COMPARISON_BASENAME = "comparison"  # jaxmm.compare writes comparison.{csv,md,png}
+# --- Beside workdirs (a sweep folder, or the parent of a workdir): the default MLflow store
+MLFLOW_DB_FILE = "mlflow.db"  # SQLite database of tracked runs (config.tracking="mlflow")
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"  # their figures and files
 
 # --- A prepared dataset (prepare's output root and the TFDS dataset folder inside it) ----------
 REPORT_FILE = "prepare_report.json"  # in the output root: counts, skipped files, text sources

@@ -9,6 +9,8 @@
 #                                       DIR (default: weights, where configs/default.py looks) with
 #                                       `python -m jaxmm.download_weights --out DIR ARGS`; run it on
 #                                       a node with internet access, compute nodes stay offline
+#   slurm/setup_env.sh tracking         optional: add experiment tracking (MLflow, W&B offline) from
+#                                       requirements-tracking.txt, for --config.tracking=mlflow|wandb
 #
 # Environment variables (all optional):
 #   ENV_KIND   venv (default) or conda
@@ -115,12 +117,21 @@ weights() {
   log "done; compute nodes read them offline (HF_HUB_OFFLINE=1) from $out"
 }
 
+tracking() {
+  local py
+  py="$(env_python)"
+  log "installing requirements-tracking.txt into $py"
+  "$py" -m pip install -q -r requirements-tracking.txt
+  "$py" -c 'import mlflow, wandb; print(f"[setup_env] mlflow {mlflow.__version__}, wandb {wandb.__version__}: imports ok")'
+}
+
 cmd="${1:-install}"
 [ "$#" -gt 0 ] && shift
 case "$cmd" in
   install) install ;;
   verify) verify ;;
   weights) weights "$@" ;;
+  tracking) tracking ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (install | verify | weights)" ;;
+  *) die "unknown command '$cmd' (install | verify | weights | tracking)" ;;
 esac

@@ -18,6 +18,7 @@ from jaxmm import files, paths
 from jaxmm.data import dedup, pipeline, prepared, transforms
 from jaxmm.errors import ConfigError, WorkdirError
 from jaxmm.evaluation import calibration, explain, scoring
+from jaxmm.experiments import tracking
 from jaxmm.trained.model import TrainedModel
 from jaxmm.trained.workdir import Workdir
 from jaxmm.training import parallel, train_log
@@ -290,6 +291,7 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
         notes += ablation_notes
     if train_log.is_writer():
         _write_all(result, evaluator, trained, predictions, labels, temperature, explain_first)
+        tracking.log_evaluation(workdir, metrics, result["out_dir"])  # when the run is tracked
     return result
 
 

@@ -94,6 +94,15 @@ def available(workdir: str) -> dict:
     return out
 
 
+def recorded_digest(workdir: str) -> tuple[int, dict] | None:
+    """The best checkpoint's step and the digest recorded when it was saved, or None."""
+    step = available(workdir)["best"]
+    path = epath.Path(os.path.abspath(workdir)) / paths.BEST_DIR / str(step) / _DIGEST
+    if step is None or not path.exists():
+        return None
+    return step, ocp.JsonCheckpointHandler().restore(path)
+
+
 def restore_model(workdir: str, which: str = "best") -> tuple[dict, int]:
     """Restores only what inference needs: {params, batch_stats} as NumPy arrays, verified.
 

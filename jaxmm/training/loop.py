@@ -23,6 +23,7 @@ from absl import logging
 from jaxmm.data import pipeline, prepared
 from jaxmm.errors import DivergedError
 from jaxmm.evaluation import calibration, scoring
+from jaxmm.experiments import tracking
 from jaxmm.trained.model import ModelSpec
 from jaxmm.trained.workdir import Workdir, model_architecture
 from jaxmm.training import checkpointing, lock, optim, parallel, steps, train_log
@@ -290,6 +291,7 @@ def _start(config, workdir: str) -> "_Run":
         if not resuming or wd.record() is None:
             _write_run_record(config, wd, setup, data)
         wd.keep_tokenizer(setup.tokenizer)
+        run.writer.tracker = tracking.for_training(config, workdir)  # None when off
     return run
 
 

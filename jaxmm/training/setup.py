@@ -18,6 +18,7 @@ from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
 from jaxmm.evaluation import metrics
+from jaxmm.experiments import tracking
 from jaxmm.trained.model import Preprocessing
 from jaxmm.training import checkpointing, losses, optim, parallel, steps, warm_start
 
@@ -70,6 +71,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
+    tracking.check_config(config)
 
 
 @dataclasses.dataclass

@@ -55,6 +55,7 @@ class MetricWriter:
         self._enabled = is_writer()
         self._wd = wd
         self._tb = None
+        self.tracker = None  # A tracking.Tracker that gets every row too (set by the loop).
         if self._enabled:
             from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
 
@@ -69,10 +70,14 @@ class MetricWriter:
             if isinstance(value, (int, float, np.number)):
                 self._tb.add_scalar(f"{kind}/{key}", float(value), int(step))
         self._tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_metrics(step, kind, values)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def plot_learning_curves(wd, metric: str) -> str | None:
