@@ -70,6 +70,12 @@ def get_config():
     c.class_weights = "balanced"
     c.accumulate_steps = 1  # Micro-batches per step: each device's rows of batch_size are run in
     # this many pieces (less activation memory; the loss over the whole batch is unchanged).
+    # Which devices share BatchNorm batch statistics in training: "global" (all devices: the
+    # run is the same whatever the device count), "device" (each device normalises over its own
+    # rows, so results depend on the rows per device) or "group:N" (N consecutive devices, N
+    # dividing the device count; "group:8" = one 8-GPU node). Inference always uses the running
+    # averages. Costs and advice per cluster: docs/scaling.md.
+    c.batchnorm_sync = "global"
     c.ema_decay = 0.0  # > 0: keep an EMA of the weights; validation and the best checkpoint use it.
     c.init_from = ""  # Warm start: "WORKDIR[:best|latest|STEP]"; weights + BatchNorm stats only.
 

@@ -71,6 +71,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.accumulate_steps={accumulate!r}: must be a whole number >= 1 "
                           f"that divides the {per_device} rows per device of "
                           f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
+    models.batchnorm_groups(config.get("batchnorm_sync", "global"), jax.device_count())
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
 
@@ -134,8 +135,10 @@ def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> dict:
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int, vocab_size: int,
                axis_name: str | None = parallel.AXIS_NAME):
-    """The fusion classifier of ``config.model`` (BatchNorm synchronised over ``axis_name``)."""
-    return models.build_model(config.model, num_classes, vocab_size, axis_name=axis_name)
+    """The fusion classifier of ``config.model``; its training BatchNorm statistics are shared
+    over ``axis_name`` as ``config.batchnorm_sync`` says (inference reads running averages)."""
+    return models.build_model(config.model, num_classes, vocab_size, axis_name=axis_name,
+                              batchnorm_sync=config.get("batchnorm_sync", "global"))
 
 
 def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:

@@ -103,6 +103,7 @@ class MultimodalClassifier(nn.Module):
     freeze_image: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    batchnorm_sync: str = "global"  # training only; see ResNet
 
     @nn.compact
     def __call__(self, image, input_ids, attention_mask, *, train: bool, modality_mask=None,
@@ -123,7 +124,8 @@ class MultimodalClassifier(nn.Module):
         feats = {}
         if "image" in self.modalities:
             feats["image"] = ResNet(self.image_arch, self.dtype, self.axis_name,
-                                    self.freeze_image, name="image")(image, train=train)
+                                    self.freeze_image, self.batchnorm_sync,
+                                    name="image")(image, train=train)
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,
                                       pooling=self.text_pooling, name="text")(
