@@ -56,6 +56,10 @@ def get_config():
     c.eval_batch_size = 128  # Global evaluation batch; the last batch is padded and masked.
     c.num_epochs = 10  # Upper bound; early stopping usually ends sooner (best epochs are 3-7).
     c.seed = 0  # Root of every random choice (init, shuffling, augmentation, dropout).
+    # How dropout and modality-dropout masks are drawn: "per_example" (from each example's index
+    # in the global batch: the same run on 1 or 64 devices) or "per_device" (one key per device,
+    # as runs recorded without this field did; only to resume such a run exactly).
+    c.rng_scheme = "per_example"
     c.optim = ml_collections.ConfigDict()
     c.optim.lr_image = 3e-5  # Peak learning rate of the image tower.
     c.optim.lr_text = 3e-5  # Peak learning rate of the text tower.

@@ -72,6 +72,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"that divides the {per_device} rows per device of "
                           f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
     models.batchnorm_groups(config.get("batchnorm_sync", "global"), jax.device_count())
+    if config.get("rng_scheme", "per_example") not in steps.RNG_SCHEMES:
+        raise ConfigError(f"config.rng_scheme={config.rng_scheme!r}: choose one of "
+                          f"{', '.join(steps.RNG_SCHEMES)}")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
 
@@ -239,4 +242,5 @@ def train_step_fn(config: ml_collections.ConfigDict, class_weights: np.ndarray):
         steps.train_step, class_weights=class_weights,
         label_smoothing=config.optim.label_smoothing,
         accumulate_steps=config.get("accumulate_steps", 1),
-        ema_decay=config.get("ema_decay", 0.0)))
+        ema_decay=config.get("ema_decay", 0.0),
+        rng_scheme=config.get("rng_scheme", "per_example")))

@@ -75,3 +75,10 @@ def test_batchnorm_sync_is_checked_against_the_device_count():
         with pytest.raises(ConfigError, match="^config.batchnorm_sync=") as err:
             builders.validate_config(_config(batchnorm_sync=bad))
         assert "\n" not in str(err.value)
+
+
+def test_rng_scheme_is_checked():
+    builders.validate_config(_config(rng_scheme="per_device"))
+    with pytest.raises(ConfigError, match="^config.rng_scheme='per_host': choose one of "
+                                          "per_example, per_device$"):
+        builders.validate_config(_config(rng_scheme="per_host"))
