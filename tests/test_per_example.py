@@ -190,3 +190,33 @@ def test_gradient_accumulation_keeps_each_rows_masks(scheme):
         assert distance < 1e-5, distance
     else:
         assert distance > 1e-2, distance
+
+
+class _Drop(nn.Module):
+    rate: float
+    broadcast_dims: tuple = ()
+
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.Dropout(self.rate, self.broadcast_dims, deterministic=not train)(x)
+
+
+def test_per_example_dropout_keeps_nn_dropout_semantics():
+    x = jnp.ones((8, 3, 50))
+    ids = jnp.arange(8)
+
+    def run(rate, train=True, dims=()):
+        with per_example.per_example_dropout(ids):
+            return _Drop(rate, dims).apply({}, x, train, rngs={"dropout": jax.random.PRNGKey(0)})
+
+    out = np.asarray(run(0.25))
+    np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)  # dropped or scaled
+    assert 0.15 < (out == 0).mean() < 0.35
+    assert not np.array_equal(out[0], out[1])  # each row its own mask
+    np.testing.assert_array_equal(run(0.25, train=False), x)
+    np.testing.assert_array_equal(run(0.0), x)
+    np.testing.assert_array_equal(run(1.0), np.zeros_like(x))
+    shared = np.asarray(run(0.5, dims=(1,)))
+    assert (shared == shared[:, :1]).all()  # broadcast over axis 1, per row
+    with pytest.raises(ValueError, match="batch axis"):
+        run(0.5, dims=(0,))
