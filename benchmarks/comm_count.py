@@ -5,8 +5,9 @@
 
 The step is lowered, not compiled or run, on fake CPU devices, and the PRE-optimisation HLO is
 read: it holds every collective the program asks for, before a backend combines them (XLA's
-GPU all-reduce combiner merges small all-reduces up to ``--xla_gpu_all_reduce_combine_threshold
-_bytes``; the CPU compiler does other things), so the counts hold for any backend. The state is
+GPU all-reduce combiner merges small all-reduces up to
+``--xla_gpu_all_reduce_combine_threshold_bytes``; the CPU compiler does other things), so the
+counts hold for any backend. The state is
 abstract (``jax.eval_shape``): no weights are made or downloaded, and the full model lowers in
 seconds.
 

@@ -188,8 +188,9 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
         ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
     new_state = state.replace(
         step=state.step + 1, params=params, ema_params=ema_params,
-        # One all-reduce per step: identical running averages on every replica, whether the
-        # layers shared their statistics (config.batchnorm_sync) or not.
+        # One pmean per step (XLA combines its tensors into one all-reduce on GPUs): identical
+        # running averages on every replica, whether the layers shared their statistics
+        # (config.batchnorm_sync) or not.
         batch_stats=jax.lax.pmean(batch_stats, axis_name), opt_state=opt_state)
     metrics = jax.lax.psum(sums, axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
