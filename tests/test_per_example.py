@@ -220,3 +220,29 @@ def test_per_example_dropout_keeps_nn_dropout_semantics():
     assert (shared == shared[:, :1]).all()  # broadcast over axis 1, per row
     with pytest.raises(ValueError, match="batch axis"):
         run(0.5, dims=(0,))
+
+
+@pytest.mark.parametrize("processes,local_devices", [(1, 4), (2, 2), (4, 1), (2, 4)])
+def test_every_layout_gives_each_row_its_global_index(processes, local_devices):
+    """The rows a device holds (ProcessBlock per process, then ``parallel.shard``'s split of the
+    local batch) are rows axis_index * rows + j of the global batch, which is what
+    ``dropout_key_and_ids`` assumes; the device index runs process-major, as pmap's does."""
+    import grain
+
+    from jaxmm.data import pipeline
+
+    global_batch, num_steps = 16, 3
+    source = grain.MapDataset.source(list(range(global_batch * num_steps)))
+    local_batch = global_batch // processes
+    rows = local_batch // local_devices
+    for p in range(processes):
+        batches = pipeline.ProcessBlock(source, local_batch, p, processes).batch(local_batch)
+        for step in range(num_steps):
+            per_device = np.asarray(batches[step]).reshape(local_devices, rows)  # as shard
+            for d in range(local_devices):
+                axis_index = p * local_devices + d
+                ids = axis_index * rows + np.arange(rows)
+                np.testing.assert_array_equal(per_device[d] - step * global_batch, ids)
+        if processes > 1:  # control: the interleaved split (source[p::P]) would break it
+            interleaved = np.arange(global_batch)[p::processes][:rows]
+            assert not np.array_equal(interleaved, p * local_devices * rows + np.arange(rows))
