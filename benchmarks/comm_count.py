@@ -53,7 +53,8 @@ DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64
 _ALL_REDUCE = re.compile(r"=\s*(\(.*?\)|\S+)\s+all-reduce(?:-start)?\(")
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_GROUPS = re.compile(r"replica_groups=(\{[^}]*\}(?:\})?|\[[^\]]*\][^,]*)")
+# {{0,1},{2,3}} (listed) or [2,2]<=[4] (iota form).
+_GROUPS = re.compile(r"replica_groups=(\{(?:\{[^{}]*\},?)*\}|\[[^\]]*\]<=\[[^\]]*\])")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

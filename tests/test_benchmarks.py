@@ -276,7 +276,8 @@ def test_comm_count_demo(tmp_path):
     cc = _load("comm_count")
     out = tmp_path / "comm.json"
     res = cc.main(["--config", "demo", "--dtype", "float32", "--image_size", "32",
-                   "--text_length", "8", "--out", str(out)])
+                   "--text_length", "8", "--batchnorm_sync", "global", "device", "group:2",
+                   "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     glob, dev = res["settings"]["global"], res["settings"]["device"]
     sizes = glob["sizes"]
@@ -290,6 +291,9 @@ def test_comm_count_demo(tmp_path):
         assert r["by_category"]["batch_stats"]["bytes"] == 4 * sizes["batch_stats"]
         assert r["gradient_bytes_bf16"] == 2 * sizes["params"]
         assert r["replica_groups"] == ["{{0,1,2,3}}"]
+    group = res["settings"]["group:2"]  # as many all-reduces as "global", within pairs
+    assert group["all_reduces"] == glob["all_reduces"]
+    assert group["replica_groups"] == ["{{0,1,2,3}}", "{{0,1},{2,3}}"]
     assert "| global | **total** |" in cc.table(res)
 
 
