@@ -10,20 +10,39 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from jaxmm import models, parallel, steps
 from jaxmm.models import per_example
-from tests.test_models import CLASSES, LENGTH, SIZE, VOCAB, batch, model_config
 
 AXIS = parallel.AXIS_NAME
 ROWS = 16  # global batch
+VOCAB, CLASSES, SIZE, LENGTH = 64, 4, 32, 8
+
+
+def model_config(**overrides):
+    """The demo's tiny towers (as configs/demo.py), smaller heads."""
+    cfg = dict(modalities=("image", "text"), image_arch="tiny", image_pretrained="",
+               text_arch="tiny", text_pretrained="", text_pooling="cls", fusion="concat",
+               proj_dim=16, hidden_dim=32, dropout=0.1, modality_dropout=0.0,
+               dtype="float32", freeze_image=False, freeze_text=False)
+    return ml_collections.ConfigDict({**cfg, **overrides})
+
+
+def batch(n, seed=0):
+    """Random images and token ids (half of each text is padding)."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, LENGTH), np.int32)
+    mask[:, LENGTH // 2:] = 0
+    return (rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+            rng.integers(1, VOCAB, (n, LENGTH), dtype=np.int32), mask)
 
 
 def _model(**overrides):
-    cfg = model_config(dropout=0.5, modality_dropout=0.5, **overrides)
+    cfg = model_config(**{"dropout": 0.5, "modality_dropout": 0.5, **overrides})
     model = models.build_model(cfg, CLASSES, VOCAB, AXIS)
     variables = models.init_variables(model, jax.random.PRNGKey(0), SIZE, LENGTH)
     return model, variables
