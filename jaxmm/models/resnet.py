@@ -41,10 +41,6 @@ IMAGE_TASK_HEADS = ("fc", "classifier")
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# How training BatchNorm statistics are shared between pmap devices (config.batchnorm_sync).
-BATCHNORM_SYNC = ("global", "device", "group:N")
-
-
 def batchnorm_group_size(sync: str) -> int:
     """Devices that share BatchNorm statistics: 0 = all ("global"), 1 = none ("device"), N.
 
