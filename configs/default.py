@@ -56,6 +56,10 @@ def get_config():
     c.eval_batch_size = 128  # Global evaluation batch; the last batch is padded and masked.
     c.num_epochs = 10  # Upper bound; early stopping usually ends sooner (best epochs are 3-7).
     c.seed = 0  # Root of every random choice (init, shuffling, augmentation, dropout).
+    # How dropout and modality-dropout masks are drawn: "per_example" (from each example's index
+    # in the global batch: the same run on 1 or 64 devices) or "per_device" (one key per device,
+    # as runs recorded without this field did; only to resume such a run exactly).
+    c.rng_scheme = "per_example"
     c.optim = ml_collections.ConfigDict()
     c.optim.lr_image = 3e-5  # Peak learning rate of the image tower.
     c.optim.lr_text = 3e-5  # Peak learning rate of the text tower.
@@ -70,6 +74,12 @@ def get_config():
     c.class_weights = "balanced"
     c.accumulate_steps = 1  # Micro-batches per step: each device's rows of batch_size are run in
     # this many pieces (less activation memory; the loss over the whole batch is unchanged).
+    # Which devices share BatchNorm batch statistics in training: "global" (all devices: the
+    # run is the same whatever the device count), "device" (each device normalises over its own
+    # rows, so results depend on the rows per device) or "group:N" (N consecutive devices, N
+    # dividing the device count; "group:8" = one 8-GPU node). Inference always uses the running
+    # averages. Costs and advice per cluster: docs/scaling.md.
+    c.batchnorm_sync = "global"
     c.ema_decay = 0.0  # > 0: keep an EMA of the weights; validation and the best checkpoint use it.
     c.init_from = ""  # Warm start: "WORKDIR[:best|latest|STEP]"; weights + BatchNorm stats only.
 

@@ -7,6 +7,8 @@
 # Examples:
 #   sbatch slurm/jax_train.sh                                    # 1 node, 1 GPU
 #   sbatch --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 slurm/jax_train.sh --config.batch_size=256
+#   sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=14 slurm/jax_train.sh \
+#       --config.batch_size=16384 --config.batchnorm_sync=group:8   # 64 GPUs (docs/scaling.md)
 #   sbatch --gpus-per-node=0 --ntasks=2 --cpus-per-task=1 slurm/jax_train.sh   # CPU-only partition
 #
 # Environment variables read here (all optional):
@@ -109,6 +111,8 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/$("$py" 
 log "job $job_id (restart $restarts) on ${SLURM_JOB_NODELIST:-?}: $nnodes node(s), $ntasks task(s)," \
   "$gpus GPU(s)/node, $cpus CPU(s)/task -> num_workers=$workers"
 log "config=$config workdir=$workdir python=$py coordinator port=$JAX_COORDINATOR_PORT"
+# Communication settings in effect (NCCL's are the site's to choose; docs/scaling.md).
+log "XLA_FLAGS=${XLA_FLAGS:-} NCCL: $(env | grep '^NCCL_' | sort | tr '\n' ' ')"
 
 # Waits for the background child; a trapped signal interrupts `wait`, so wait again while the
 # child lives (kill -0 also succeeds on an unreaped child, whose status the next wait returns).

@@ -266,3 +266,67 @@ def test_gpu_suite_refuses_jax_and_cuda_wheels(tmp_path):
     assert "grain-0.2.18" in calls
     assert not any(w in calls for w in ("jaxlib-", "nvidia_", "torch-"))
     assert "refusing jaxlib-0.10.2" in proc.stderr
+
+
+def test_comm_count_demo(tmp_path):
+    """The all-reduces of the demo step, counted from its HLO on the 4 fake devices: per-device
+    BatchNorm drops one forward and one backward all-reduce per layer; the gradient all-reduces
+    carry 4 bytes per parameter."""
+    cc = _load("comm_count")
+    out = tmp_path / "comm.json"
+    res = cc.main(["--config", "demo", "--dtype", "float32", "--image_size", "32",
+                   "--text_length", "8", "--batchnorm_sync", "global", "device", "group:2",
+                   "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    glob, dev = res["settings"]["global"], res["settings"]["device"]
+    sizes = glob["sizes"]
+    assert res["devices"] == 4 and sizes["batchnorm_layers"] == 17  # tiny ResNet
+    assert glob["all_reduces"] - dev["all_reduces"] == 2 * sizes["batchnorm_layers"]
+    assert glob["by_category"]["batchnorm_forward"]["all_reduces"] == sizes["batchnorm_layers"]
+    assert not any(c.startswith("batchnorm") for c in dev["by_category"])
+    for r in (glob, dev):
+        assert r["by_category"]["gradients"]["bytes"] == 4 * sizes["params"]
+        assert r["by_category"]["gradients"]["tensors"] == sizes["param_arrays"]
+        assert r["by_category"]["batch_stats"]["bytes"] == 4 * sizes["batch_stats"]
+        assert r["gradient_bytes_bf16"] == 2 * sizes["params"]
+        assert r["replica_groups"] == ["{{0,1,2,3}}"]
+    group = res["settings"]["group:2"]  # as many all-reduces as "global", within pairs
+    assert group["all_reduces"] == glob["all_reduces"]
+    assert group["replica_groups"] == ["{{0,1,2,3}}", "{{0,1},{2,3}}"]
+    assert "| global | **total** |" in cc.table(res)
+
+
+def test_comm_count_refuses_a_step_it_cannot_account_for():
+    cc = _load("comm_count")
+    hlo = "\n".join(f'  x.{i} = f32[{n}]{{0}} all-reduce(y), replica_groups={{{{0,1}}}}, '
+                    f'metadata={{op_name="psum"}}' for i, n in enumerate([1, 10, 5, 1]))
+    ops = cc.all_reduces(hlo)
+    assert [op["bytes"] for op in ops] == [4, 40, 20, 4]
+    sizes = {"params": 15, "param_arrays": 2, "batchnorm_layers": 0}
+    assert [op["category"] for op in cc.classify(ops, sizes)] == [
+        "loss", "gradients", "gradients", "loss"]
+    with pytest.raises(ValueError, match="not the 16 parameters"):
+        cc.classify(cc.all_reduces(hlo), {**sizes, "params": 16})
+
+
+def test_scaling_model_orders_the_batchnorm_settings():
+    sm = _load("scaling_model")
+
+    def setting(bn_layers):
+        cats = {"gradients": {"bytes": 4 * 90_000_000, "all_reduces": 270}}
+        if bn_layers:
+            cats["batchnorm_forward"] = cats["batchnorm_backward"] = {"all_reduces": bn_layers}
+        return {"by_category": cats, "gradient_bytes_bf16": 2 * 90_000_000}
+
+    rows = sm.predict({"settings": {"global": setting(53), "device": setting(0)}}, 45.8, 256)
+    eff = {(r["batchnorm_sync"], r["gradients"], r["gpus"]): r["efficiency"] for r in rows}
+    assert eff[("global", "float32", 1)] == [1.0, 1.0]
+    for g in (8, 64):
+        for exposed, overlapped in eff.values():
+            assert exposed <= overlapped
+        assert eff[("global", "float32", g)][0] <= eff[("group:8", "float32", g)][0] \
+            <= eff[("device", "float32", g)][0] < eff[("device", "bfloat16", g)][0]
+    # One node: a group of 8 is the global batch; more nodes only cost "global" its latency.
+    assert eff[("global", "float32", 8)] == eff[("group:8", "float32", 8)]
+    assert eff[("global", "float32", 64)][0] < eff[("group:8", "float32", 64)][0]
+    assert "| device | float32 | 64 |" in sm.table(rows)

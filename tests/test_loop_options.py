@@ -150,3 +150,18 @@ def test_progress_on_a_terminal_is_a_bar(capsys):
     bar.update(4)
     bar.close()
     assert lines == [] and "4/4" in capsys.readouterr().err
+
+
+def test_resuming_a_run_of_per_device_keys_is_warned_in_one_line(monkeypatch):
+    from configs import demo
+
+    warnings = []
+    monkeypatch.setattr(loop.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    config = demo.get_config()
+    saved = {k: v for k, v in config.to_dict().items() if k != "rng_scheme"}  # an older run
+    loop._warn_config_changes(saved, config)
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "rng_scheme: 'per_device' -> 'per_example'" in warnings[0]
+    warnings.clear()
+    loop._warn_config_changes(config.to_dict(), config)  # a run with per-example keys
+    assert not warnings

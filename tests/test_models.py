@@ -190,3 +190,46 @@ def test_batchnorm_statistics_synchronised_under_pmap():
         for device in range(n_dev):  # identical on every device, equal to the full batch
             np.testing.assert_allclose(p_leaf[device], s_leaf, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p_logits.reshape(8, -1), s_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sync,group", [("device", 1), ("group:2", 2)])
+def test_unsynchronised_batchnorm_normalises_over_each_devices_group(sync, group):
+    """With "device" (or "group:N") statistics, device d's training pass equals a one-device
+    pass over the rows of its group alone, and differs from the pass over the global batch."""
+    n_dev, rows = 4, 8
+    single, variables = build(modalities=("image",), dropout=0.0)
+    local = models.build_model(model_config(modalities=("image",), dropout=0.0), CLASSES,
+                               VOCAB, axis_name="batch", batchnorm_sync=sync)
+    image, ids, mask = batch(rows)
+    apply = functools.partial(local.apply, train=True, mutable=["batch_stats"])
+    shard = lambda x: x.reshape(n_dev, -1, *x.shape[1:])
+    p_logits, p_updates = jax.pmap(apply, axis_name="batch", in_axes=(None, 0, 0, 0))(
+        variables, shard(image), shard(ids), shard(mask))
+    per_dev = rows // n_dev
+    single_apply = jit_apply(single, True)
+    for device in range(n_dev):
+        g = device // group * group * per_dev  # first row of the device's group
+        s_logits, s_updates = single_apply(variables, image[g:g + group * per_dev],
+                                           ids[g:g + group * per_dev],
+                                           mask[g:g + group * per_dev], rng=key(0))
+        mine = slice(device * per_dev - g, (device + 1) * per_dev - g)
+        np.testing.assert_allclose(p_logits[device], s_logits[mine], rtol=1e-4, atol=1e-4)
+        for p_leaf, s_leaf in zip(jax.tree.leaves(p_updates), jax.tree.leaves(s_updates),
+                                  strict=True):
+            np.testing.assert_allclose(p_leaf[device], s_leaf, rtol=1e-4, atol=1e-5)
+    # Negative control: the global-batch pass normalises differently.
+    g_logits, _ = single_apply(variables, image, ids, mask, rng=key(0))
+    assert not np.allclose(p_logits.reshape(rows, -1), g_logits, atol=1e-3)
+
+
+def test_batchnorm_sync_values():
+    assert models.batchnorm_groups("global", 8) is None
+    assert models.batchnorm_groups("group:8", 8) is None  # one group = every device
+    assert models.batchnorm_groups("group:2", 4) == [[0, 1], [2, 3]]
+    assert models.batchnorm_groups("device", 4) == [[0], [1], [2], [3]]
+    for bad in ("local", "group:", "group:0", "group:x", "group:-2", ""):
+        with pytest.raises(ValueError, match="^config.batchnorm_sync="):
+            models.build_model(model_config(), CLASSES, VOCAB, "batch", batchnorm_sync=bad)
+    with pytest.raises(ValueError, match="^config.batchnorm_sync='group:3': 3 does not divide "
+                                         "the 4 devices"):
+        models.batchnorm_groups("group:3", 4)

@@ -67,3 +67,19 @@ def test_bad_value_fails_before_any_data_is_prepared(tmp_path, key):
     with pytest.raises(ConfigError, match=f"config.{key}=0"):
         loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "data")
+
+
+def test_batchnorm_sync_is_checked_against_the_device_count():
+    setup_lib.validate_config(_config(batchnorm_sync="group:2"))  # 4 fake devices
+    setup_lib.validate_config(_config(batchnorm_sync="device"))
+    for bad in ("group:3", "node"):
+        with pytest.raises(ConfigError, match="^config.batchnorm_sync=") as err:
+            setup_lib.validate_config(_config(batchnorm_sync=bad))
+        assert "\n" not in str(err.value)
+
+
+def test_rng_scheme_is_checked():
+    setup_lib.validate_config(_config(rng_scheme="per_device"))
+    with pytest.raises(ConfigError, match="^config.rng_scheme='per_host': choose one of "
+                                          "per_example, per_device$"):
+        setup_lib.validate_config(_config(rng_scheme="per_host"))

@@ -21,7 +21,8 @@ class _StandIn(nn.Module):
     axis_name: str | None = AXIS
 
     @nn.compact
-    def __call__(self, image, input_ids, attention_mask, *, train, modality_mask=None):
+    def __call__(self, image, input_ids, attention_mask, *, train, modality_mask=None,
+                 example_ids=None):
         # No conv bias before BatchNorm (as in ResNet): its gradient is exactly zero in theory,
         # and Adam would turn float noise in it into full-size steps.
         x = nn.Conv(4, (3, 3), use_bias=False)(image.astype(jnp.float32) / 255.0)
@@ -115,8 +116,9 @@ class _NoBatchNorm(nn.Module):
     """The stand-in without BatchNorm or dropout: micro-batching cannot change its loss."""
 
     @nn.compact
-    def __call__(self, image, input_ids, attention_mask, *, train, modality_mask=None):
-        del train, modality_mask
+    def __call__(self, image, input_ids, attention_mask, *, train, modality_mask=None,
+                 example_ids=None):
+        del train, modality_mask, example_ids
         x = jnp.mean(nn.relu(nn.Conv(4, (3, 3))(image.astype(jnp.float32) / 255.0)), (1, 2))
         t = nn.Embed(50, 4)(input_ids) * attention_mask[..., None]
         return nn.Dense(3)(jnp.concatenate([x, t.sum(1)], -1))

@@ -131,8 +131,10 @@ class ProcessBlock(grain.MapDataset):
 
     Process p takes positions [p*B, (p+1)*B) of each global batch of P*B positions, so device d
     of the job (process-major order) sees the same examples, in the same order, as device d of a
-    single-process run on the same devices: dropout keys, which depend on the device index, then
-    fall on the same examples, and a multi-process run repeats a single-process one.
+    single-process run on the same devices, and ``axis_index * rows + row`` on a device is the
+    example's position in the global batch: the per-example dropout keys
+    (``steps.dropout_key_and_ids``) fall on the same examples whatever the layout, and a
+    multi-process run repeats a single-process one.
     """
 
     def __init__(self, parent: grain.MapDataset, local_batch_size: int, process_index: int,

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from jaxmm.errors import ConfigError
 from jaxmm.models import pretrained
 from jaxmm.models.fusion import MODALITIES, MultimodalClassifier
-from jaxmm.models.resnet import ARCHS
+from jaxmm.models.resnet import ARCHS, batchnorm_group_size, batchnorm_groups
 from jaxmm.models.text import distilbert_config
 
-__all__ = ["build_model", "compute_dtype", "init_variables", "param_labels", "pretrained"]
+__all__ = ["batchnorm_groups", "build_model", "compute_dtype", "init_variables", "param_labels",
+           "pretrained"]
 
 
 def compute_dtype(name: str):
@@ -34,7 +35,7 @@ def compute_dtype(name: str):
 
 
 def build_model(model_config, num_classes: int, vocab_size: int,
-                axis_name: str | None) -> nn.Module:
+                axis_name: str | None, batchnorm_sync: str = "global") -> nn.Module:
     """Builds the classifier described by ``config.model``; unused towers are not created.
 
     Args:
@@ -45,6 +46,8 @@ def build_model(model_config, num_classes: int, vocab_size: int,
       vocab_size: tokenizer vocabulary size (embedding table size unless a pretrained
         'distilbert' checkpoint defines it).
       axis_name: pmap axis used to synchronise BatchNorm statistics in training, or None.
+      batchnorm_sync: ``config.batchnorm_sync``: which devices of ``axis_name`` share training
+        BatchNorm statistics ("global", "device", "group:N"); no effect at inference.
 
     Returns:
       A ``MultimodalClassifier``; call it as
@@ -58,6 +61,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
     if "image" in modalities and model_config.image_arch not in ARCHS:
         raise ConfigError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
                           f"got {model_config.image_arch!r}")
+    batchnorm_group_size(batchnorm_sync)  # a bad value fails here, not inside a pmapped step
     text_config = distilbert_config(model_config, vocab_size) if "text" in modalities else None
     return MultimodalClassifier(
         modalities=modalities, num_classes=num_classes, image_arch=model_config.image_arch,
@@ -66,7 +70,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
         hidden_dim=model_config.hidden_dim, dropout=model_config.dropout,
         modality_dropout=model_config.modality_dropout,
         freeze_image=bool(model_config.freeze_image), axis_name=axis_name,
-        dtype=compute_dtype(model_config.dtype),
+        dtype=compute_dtype(model_config.dtype), batchnorm_sync=batchnorm_sync,
     )
 
 

@@ -8,6 +8,7 @@ of the same projected space, so training and evaluation treat a missing tower id
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.errors import ConfigError
+from jaxmm.models import per_example
 from jaxmm.models.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from jaxmm.models.text import TextTower
 
@@ -33,8 +35,9 @@ class FusionHead(nn.Module):
     modality_dropout: float = 0.0
     dtype: Any = jnp.float32
 
-    def _keep(self, batch: int, modality_mask, train: bool) -> jnp.ndarray:
-        """bool [B, n]: which tower features each example keeps."""
+    def _keep(self, batch: int, modality_mask, train: bool, example_ids) -> jnp.ndarray:
+        """bool [B, n]: which tower features each example keeps (random choices drawn per
+        example from ``example_ids`` when given, else from one key for the whole batch)."""
         n = len(self.modalities)
         keep = jnp.ones((batch, n), bool)
         if modality_mask is not None:
@@ -42,20 +45,26 @@ class FusionHead(nn.Module):
         if train and self.modality_dropout > 0 and n > 1:
             # Drop exactly one (random) tower for a fraction of examples, never both.
             rng_drop, rng_which = jax.random.split(self.make_rng("dropout"))
-            drop = jax.random.bernoulli(rng_drop, self.modality_dropout, (batch,))
-            which = jax.random.randint(rng_which, (batch,), 0, n)
+            if example_ids is None:
+                drop = jax.random.bernoulli(rng_drop, self.modality_dropout, (batch,))
+                which = jax.random.randint(rng_which, (batch,), 0, n)
+            else:
+                drop = per_example.bernoulli(rng_drop, example_ids, self.modality_dropout)
+                which = per_example.randint(rng_which, example_ids, n)
             keep = keep & ~(drop[:, None] & (jnp.arange(n)[None, :] == which[:, None]))
         return keep
 
     @nn.compact
-    def __call__(self, feats: dict, modality_mask=None, *, train: bool) -> jnp.ndarray:
-        """Args: feats {modality: [B,D]}; modality_mask bool [B,n] (True = keep).
+    def __call__(self, feats: dict, modality_mask=None, *, train: bool,
+                 example_ids=None) -> jnp.ndarray:
+        """Args: feats {modality: [B,D]}; modality_mask bool [B,n] (True = keep); example_ids
+        int [B] or None (see ``MultimodalClassifier``).
 
         Returns: float32 logits [B, num_classes].
         """
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         batch = feats[self.modalities[0]].shape[0]
-        keep = self._keep(batch, modality_mask, train)
+        keep = self._keep(batch, modality_mask, train, example_ids)
         projected = []
         for i, m in enumerate(self.modalities):
             p = dense(self.proj_dim, f"proj_{m}")(feats[m].astype(self.dtype))
@@ -103,13 +112,14 @@ class MultimodalClassifier(nn.Module):
     freeze_image: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    batchnorm_sync: str = "global"  # training only; see ResNet
     # Normalisation of the uint8 image inside the model: (x / 255 - mean) / std per channel.
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
 
     @nn.compact
     def __call__(self, image, input_ids, attention_mask, *, train: bool, modality_mask=None,
-                 word_embeddings=None):
+                 word_embeddings=None, example_ids=None):
         """Classifies a batch.
 
         Args:
@@ -119,15 +129,28 @@ class MultimodalClassifier(nn.Module):
           modality_mask: optional bool [B, len(modalities)], True = keep that tower.
           word_embeddings: optional float [B,L,dim] replacing the text tower's embedding-table
             lookup of ``input_ids`` (for attributions; see ``TextTower``).
+          example_ids: optional int [B], each row's index in the global batch: every dropout
+            mask and modality-dropout choice of a row is then drawn from its own key
+            (``per_example``), so it does not depend on the device layout. None: one key per
+            call for the whole batch.
 
         Returns:
           float32 logits [B, num_classes].
         """
+        with (per_example.per_example_dropout(example_ids) if train and example_ids is not None
+              else contextlib.nullcontext()):
+            return self._classify(image, input_ids, attention_mask, train, modality_mask,
+                                  word_embeddings, example_ids)
+
+    def _classify(self, image, input_ids, attention_mask, train, modality_mask,
+                  word_embeddings, example_ids):
         feats = {}
         if "image" in self.modalities:
             feats["image"] = ResNet(self.image_arch, self.dtype, self.axis_name,
-                                    self.freeze_image, tuple(self.image_mean),
-                                    tuple(self.image_std), name="image")(image, train=train)
+                                    self.freeze_image, mean=tuple(self.image_mean),
+                                    std=tuple(self.image_std),
+                                    batchnorm_sync=self.batchnorm_sync,
+                                    name="image")(image, train=train)
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,
                                       pooling=self.text_pooling, name="text")(
@@ -135,4 +158,4 @@ class MultimodalClassifier(nn.Module):
         return FusionHead(
             self.modalities, self.num_classes, self.proj_dim, self.hidden_dim, self.fusion,
             self.dropout, self.modality_dropout, self.dtype, name="head",
-        )(feats, modality_mask, train=train)
+        )(feats, modality_mask, train=train, example_ids=example_ids)

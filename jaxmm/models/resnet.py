@@ -17,9 +17,12 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jaxmm.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +40,38 @@ LAST_STAGE = "last_stage"
 IMAGE_TASK_HEADS = ("fc", "classifier")
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+def batchnorm_group_size(sync: str) -> int:
+    """Devices that share BatchNorm statistics: 0 = all ("global"), 1 = none ("device"), N.
+
+    Raises:
+      ConfigError: one line naming ``config.batchnorm_sync``, for any other value.
+    """
+    if sync == "global":
+        return 0
+    if sync == "device":
+        return 1
+    size = sync.removeprefix("group:") if isinstance(sync, str) else ""
+    if size == sync or not size.isdigit() or int(size) < 1:
+        raise ConfigError(f"config.batchnorm_sync={sync!r}: choose 'global', 'device' or "
+                          "'group:N' (N consecutive devices share statistics; N >= 1)")
+    return int(size)
+
+
+def batchnorm_groups(sync: str, device_count: int) -> list[list[int]] | None:
+    """``axis_index_groups`` of a BatchNorm synchronised by ``sync`` over ``device_count``
+    devices: None for every device at once, else groups of consecutive device indices.
+
+    Raises:
+      ConfigError: one line naming ``config.batchnorm_sync`` when N does not divide the count.
+    """
+    size = batchnorm_group_size(sync)
+    if size in (0, device_count):
+        return None
+    if device_count % size:
+        raise ConfigError(f"config.batchnorm_sync={sync!r}: {size} does not divide the "
+                          f"{device_count} devices of this run")
+    return [list(range(g, g + size)) for g in range(0, device_count, size)]
 
 
 def normalize_images(images: jnp.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jnp.ndarray:
@@ -82,6 +117,9 @@ class ResNet(nn.Module):
       axis_name: pmap axis over which training BatchNorm statistics are averaged (None: local).
       frozen: if True, BatchNorm always uses (and never updates) the running averages.
       mean, std: per-channel input normalisation of x / 255 (the pretrained weights' own).
+      batchnorm_sync: which devices of ``axis_name`` share training statistics: "global"
+        (all), "device" (none: each device normalises over its own rows) or "group:N" (N
+        consecutive devices). Inference never uses it (it reads the running averages).
     """
 
     arch: str = "resnet50"
@@ -90,6 +128,15 @@ class ResNet(nn.Module):
     frozen: bool = False
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    batchnorm_sync: str = "global"
+
+    def _norm_axis(self) -> tuple[str | None, list | None]:
+        """(axis_name, axis_index_groups) of the training BatchNorm statistics."""
+        if self.axis_name is None or batchnorm_group_size(self.batchnorm_sync) == 1:
+            return None, None
+        # The pmap axis size is static while tracing: the groups follow the actual devices.
+        return self.axis_name, batchnorm_groups(self.batchnorm_sync,
+                                                jax.lax.axis_size(self.axis_name))
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -97,10 +144,11 @@ class ResNet(nn.Module):
         spec = ARCHS[self.arch]
         use_avg = self.frozen or not train
         # Outside a pmap the axis is unbound, so it is only named when batch stats are computed.
+        axis_name, groups = (None, None) if use_avg else self._norm_axis()
         norm = functools.partial(
             nn.BatchNorm, use_running_average=use_avg, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=jnp.float32,
-            axis_name=None if use_avg else self.axis_name,
+            dtype=self.dtype, param_dtype=jnp.float32, axis_name=axis_name,
+            axis_index_groups=groups,
         )
         x = normalize_images(images, self.mean, self.std).astype(self.dtype)
         x = nn.Conv(spec["widths"][0], (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),

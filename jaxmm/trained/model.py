@@ -27,7 +27,7 @@ from jaxmm.data import captions, transforms
 SPEC_VERSION = 2
 # MultimodalClassifier fields that are not part of the architecture: flax's own, the class count
 # (the length of class_names) and the BatchNorm axis (a training-time setting).
-_NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name")
+_NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name", "batchnorm_sync")
 TEXT_SOURCES = captions.TEXT_SOURCES
 # Temperatures a model may carry: twice the range the fit searches (0.02 to 50) on each side.
 TEMPERATURE_RANGE = (0.01, 100.0)

@@ -35,7 +35,7 @@ EXIT_PREEMPTED = 75
 # Config keys that must not change when a run resumes (the data order and step count hang on
 # them); a change is reported, since the user may mean it (e.g. more epochs).
 _RESUME_SENSITIVE = ("seed", "batch_size", "num_epochs", "data_dir", "text_source", "image_size",
-                     "max_text_length", "num_workers")
+                     "max_text_length", "num_workers", "rng_scheme")
 
 
 class NonFiniteLossError(DivergedError):
@@ -90,6 +90,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 
 def _warn_config_changes(saved: dict, config) -> None:
+    saved = {"rng_scheme": "per_device", **saved}  # what runs recorded before the field drew
     changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in _RESUME_SENSITIVE
                if k in saved and saved.get(k) != config.get(k)]
     if changed:

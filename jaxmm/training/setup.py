@@ -69,6 +69,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.accumulate_steps={accumulate!r}: must be a whole number >= 1 "
                           f"that divides the {per_device} rows per device of "
                           f"batch_size={config.batch_size} on {jax.device_count()} device(s)")
+    models.batchnorm_groups(config.get("batchnorm_sync", "global"), jax.device_count())
+    if config.get("rng_scheme", "per_example") not in steps.RNG_SCHEMES:
+        raise ConfigError(f"config.rng_scheme={config.rng_scheme!r}: choose one of "
+                          f"{', '.join(steps.RNG_SCHEMES)}")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
     tracking.check_config(config)
@@ -121,8 +125,10 @@ def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> Preprocessin
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int, vocab_size: int,
                axis_name: str | None = parallel.AXIS_NAME):
-    """The fusion classifier of ``config.model`` (BatchNorm synchronised over ``axis_name``)."""
-    return models.build_model(config.model, num_classes, vocab_size, axis_name=axis_name)
+    """The fusion classifier of ``config.model``; its training BatchNorm statistics are shared
+    over ``axis_name`` as ``config.batchnorm_sync`` says (inference reads running averages)."""
+    return models.build_model(config.model, num_classes, vocab_size, axis_name=axis_name,
+                              batchnorm_sync=config.get("batchnorm_sync", "global"))
 
 
 def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -224,4 +230,5 @@ def train_step_fn(config: ml_collections.ConfigDict, class_weights: np.ndarray):
         steps.train_step, class_weights=class_weights,
         label_smoothing=config.optim.label_smoothing,
         accumulate_steps=config.get("accumulate_steps", 1),
-        ema_decay=config.get("ema_decay", 0.0)))
+        ema_decay=config.get("ema_decay", 0.0),
+        rng_scheme=config.get("rng_scheme", "per_example")))

@@ -13,8 +13,14 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxmm.models.per_example import threefry_key
 from jaxmm.training import losses
 from jaxmm.training.parallel import AXIS_NAME
+
+# How the dropout keys of a step are drawn (config.rng_scheme): "per_example" (each example's
+# masks from its index in the global batch: the same run on any device count) or "per_device"
+# (one key per device, as runs before per-example keys did; kept to resume those exactly).
+RNG_SCHEMES = ("per_example", "per_device")
 
 
 class TrainState(struct.PyTreeNode):
@@ -66,19 +72,22 @@ def _micro_batches(batch: dict, accumulate_steps: int) -> dict:
 
 
 def _grads_and_sums(state: TrainState, batch: dict, key, total_weight, *, class_weights,
-                    label_smoothing: float, accumulate_steps: int):
+                    label_smoothing: float, accumulate_steps: int, per_example: bool):
     """Gradient of sum(w * CE) / total_weight over this device's rows, one micro-batch at a time.
 
     Each micro-batch contributes its numerator over the SAME denominator (the weight of the
     whole effective batch), so the sum of the contributions is exactly the full-batch loss and
     gradient, not a mean of per-micro-batch means. BatchNorm statistics are chained through the
-    micro-batches as sequential steps would.
+    micro-batches as sequential steps would. With ``per_example`` every micro-batch gets the
+    same key and each row's masks come from its ``example_id``, so they do not depend on A.
     """
     def one(batch_stats, micro, micro_key):
+        kwargs = {"example_ids": micro["example_id"]} if per_example else {}
+
         def loss_fn(params):
             logits, updates = state.apply_fn(
                 {"params": params, "batch_stats": batch_stats}, *_inputs(micro), train=True,
-                rngs={"dropout": micro_key}, mutable=["batch_stats"])
+                rngs={"dropout": micro_key}, mutable=["batch_stats"], **kwargs)
             sums = losses.weighted_ce_sums(logits, micro["label"], class_weights,
                                            label_smoothing=label_smoothing)
             return sums["weighted_ce"] / total_weight, (updates, sums)
@@ -92,7 +101,8 @@ def _grads_and_sums(state: TrainState, batch: dict, key, total_weight, *, class_
     def body(carry, xs):
         grads_acc, batch_stats, sums_acc = carry
         index, micro = xs
-        grads, batch_stats, sums = one(batch_stats, micro, jax.random.fold_in(key, index))
+        micro_key = key if per_example else jax.random.fold_in(key, index)
+        grads, batch_stats, sums = one(batch_stats, micro, micro_key)
         return (jax.tree.map(jnp.add, grads_acc, grads), batch_stats,
                 jax.tree.map(jnp.add, sums_acc, sums)), None
 
@@ -105,9 +115,33 @@ def _grads_and_sums(state: TrainState, batch: dict, key, total_weight, *, class_
     return grads, batch_stats, sums
 
 
+def dropout_key_and_ids(root_key: jax.Array, step: jax.Array, rows: int, rng_scheme: str,
+                        axis_name: str = AXIS_NAME) -> tuple[jax.Array, jax.Array]:
+    """The step's dropout key and each local row's index in the global batch.
+
+    Device d holds rows [d * rows, (d + 1) * rows) of the global batch (``parallel.shard`` on
+    each process, processes in order: ``data.pipeline.ProcessBlock``), so
+    ``axis_index * rows + local row`` is the row's global index whatever the layout.
+
+    Returns:
+      "per_example": a threefry key of (root_key, step), the same on every device, and int32
+      [rows] global row indices. "per_device": fold_in(fold_in(root_key, step), device) and
+      the same indices (unused by the model).
+    """
+    device = jax.lax.axis_index(axis_name)
+    ids = device * rows + jnp.arange(rows, dtype=jnp.int32)
+    step_key = jax.random.fold_in(root_key, step)
+    if rng_scheme == "per_example":
+        return threefry_key(step_key), ids
+    if rng_scheme == "per_device":
+        return jax.random.fold_in(step_key, device), ids
+    raise ValueError(f"rng_scheme={rng_scheme!r}: choose one of {RNG_SCHEMES}")
+
+
 def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_weights,
                label_smoothing: float = 0.0, accumulate_steps: int = 1,
-               ema_decay: float = 0.0, axis_name: str = AXIS_NAME):
+               ema_decay: float = 0.0, rng_scheme: str = "per_example",
+               axis_name: str = AXIS_NAME):
     """One optimizer step on this device's part of the global (effective) batch.
 
     The device computes sum(w * CE) / W over its rows, where W is the psummed weight of the whole
@@ -118,13 +152,17 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
     Args:
       state: the replicated train state (donated by the caller).
       batch: this device's rows: image, input_ids, attention_mask, label.
-      root_key: the run's root PRNG key; the step and device index are folded in, so dropout is
-        a pure function of (seed, step, device) and a resumed run repeats it exactly.
+      root_key: the run's root PRNG key; the step is folded in, then each example's index in
+        the global batch ("per_example") or the device index ("per_device"), so dropout is a
+        pure function of (seed, step, example) or (seed, step, device) and a resumed run
+        repeats it exactly.
       class_weights: [K] weights of the classes.
       label_smoothing: smoothing of the one-hot targets.
       accumulate_steps: micro-batches per optimizer step; must divide the rows per device.
       ema_decay: > 0 updates ``state.ema_params`` (which must exist) after the optimizer step:
         ema = decay * ema + (1 - decay) * params.
+      rng_scheme: "per_example" (the model must take ``example_ids``) or "per_device"; see
+        ``RNG_SCHEMES``.
       axis_name: the pmap axis.
 
     Returns:
@@ -132,14 +170,16 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
     """
     if ema_decay and state.ema_params is None:
         raise ValueError("ema_decay > 0 needs a state created with ema=True")
-    key = jax.random.fold_in(jax.random.fold_in(root_key, state.step),
-                             jax.lax.axis_index(axis_name))
+    key, ids = dropout_key_and_ids(root_key, state.step, batch["label"].shape[0], rng_scheme,
+                                   axis_name)
+    batch = {**batch, "example_id": ids}
     # The denominator depends on the labels only: known before any forward pass.
     local_weight = jnp.sum(jnp.asarray(class_weights, jnp.float32)[batch["label"]])
     total_weight = jax.lax.psum(local_weight, axis_name)
     grads, batch_stats, sums = _grads_and_sums(
         state, batch, key, total_weight, class_weights=class_weights,
-        label_smoothing=label_smoothing, accumulate_steps=accumulate_steps)
+        label_smoothing=label_smoothing, accumulate_steps=accumulate_steps,
+        per_example=rng_scheme == "per_example")
     grads = jax.lax.psum(grads, axis_name)
     param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
@@ -148,7 +188,9 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
         ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
     new_state = state.replace(
         step=state.step + 1, params=params, ema_params=ema_params,
-        # BatchNorm syncs its statistics over the axis; pmean keeps replicas bit-identical.
+        # One pmean per step (XLA combines its tensors into one all-reduce on GPUs): identical
+        # running averages on every replica, whether the layers shared their statistics
+        # (config.batchnorm_sync) or not.
         batch_stats=jax.lax.pmean(batch_stats, axis_name), opt_state=opt_state)
     metrics = jax.lax.psum(sums, axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
