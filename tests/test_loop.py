@@ -11,40 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from configs import demo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Small enough for 2 CPU cores; batch sizes divisible by the 4 fake devices.
-TINY = {"demo.per_class": 16, "demo.max_side": 96, "stored_image_size": 40, "image_size": 32,
-        "max_text_length": 12, "batch_size": 8, "eval_batch_size": 12, "num_epochs": 2,
-        "checkpoint_every_steps": 3, "log_every_steps": 2, "model.modality_dropout": 0.2}
-
-
-def tiny_config(data_dir, **overrides):
-    config = demo.get_config()
-    for key, value in {**TINY, "data_dir": data_dir, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def _flags(data_dir, **overrides):
-    return [f"--config.{k}={v}" for k, v in {**TINY, "data_dir": data_dir, **overrides}.items()]
-
-
-def _env(devices=4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    return env
-
-
-def _train_cmd(workdir, data_dir, *extra, **overrides):
-    return [sys.executable, "-m", "jaxmm.train", "--config", os.path.join(ROOT, "configs/demo.py"),
-            "--workdir", str(workdir), *_flags(data_dir, **overrides), *extra]
+from tests.support import REPO as ROOT
+from tests.support import env as _env
+from tests.support import tiny_config
+from tests.support import train_cmd as _train_cmd
+from tests.support import wait_for_checkpoint as _wait_for_checkpoint
 
 
 def _summary(workdir):
@@ -100,17 +71,6 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, data_dir, tmp_p
     assert got["step"] == ref["step"]
     assert got["params_abs_sum"] == pytest.approx(ref["params_abs_sum"], rel=1e-6)
     assert got["best_validation"] == pytest.approx(ref["best_validation"], rel=1e-6)
-
-
-def _wait_for_checkpoint(workdir, proc, timeout=300):
-    ckpt = os.path.join(workdir, "checkpoints")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-            return
-        assert proc.poll() is None, "training exited before its first checkpoint"
-        time.sleep(0.2)
-    raise AssertionError("no checkpoint appeared")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -16,7 +16,10 @@ from jaxmm.trained.model import ModelSpec
 from jaxmm.trained.workdir import Workdir, model_architecture
 from jaxmm.training import checkpointing, loop, parallel, train_log
 from jaxmm.training import setup as setup_lib
-from tests.test_loop import ROOT, _env, _train_cmd, tiny_config
+from tests.support import REPO as ROOT
+from tests.support import env as _env
+from tests.support import tiny_config
+from tests.support import train_cmd as _train_cmd
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from jaxmm import models
+from tests.support import model_config
 
 VOCAB, CLASSES, SIZE, LENGTH = 64, 4, 32, 8
 
@@ -17,15 +17,6 @@ VOCAB, CLASSES, SIZE, LENGTH = 64, 4, 32, 8
 def key(seed):
     # The rbg PRNG compiles much faster on CPU than threefry; the tests only need randomness.
     return jax.random.key(seed, impl="rbg")
-
-
-def model_config(**overrides):
-    cfg = dict(modalities=("image", "text"), image_arch="tiny", image_pretrained="",
-               text_arch="tiny", text_pretrained="", text_pooling="cls", fusion="concat",
-               proj_dim=16, hidden_dim=32, dropout=0.1, modality_dropout=0.0,
-               dtype="float32", freeze_image=False, freeze_text=False)
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
 
 
 def batch(n=4, seed=0):

@@ -11,7 +11,8 @@ import pytest
 
 from jaxmm.training import parallel, steps
 from jaxmm.training import setup as setup_lib
-from tests.test_steps import _batch, _state
+from tests.support import step_batch as _batch
+from tests.support import step_state as _state
 
 
 class _Counting:

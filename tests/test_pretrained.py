@@ -17,7 +17,7 @@ from transformers import (
 
 from jaxmm import download_weights, models
 from jaxmm.models import pretrained, resnet
-from tests.test_models import model_config
+from tests.support import model_config
 
 VOCAB, CLASSES, SIZE, LENGTH = 64, 4, 32, 8
 

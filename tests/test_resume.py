@@ -13,7 +13,7 @@ from jaxmm import errors, paths
 from jaxmm.data import prepared
 from jaxmm.trained.workdir import data_changes
 from jaxmm.training import checkpointing, lock, loop
-from tests.test_loop import tiny_config
+from tests.support import tiny_config
 
 
 class _Killed(Exception):

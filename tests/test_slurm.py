@@ -8,76 +8,24 @@ same result as the uninterrupted run.
 """
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import JOB_TIMEOUT_S, Cluster
+from tests.support import REPO as _REPO
+from tests.support import SLURM_TINY as TINY
+from tests.support import cluster_problem as _cluster_problem
+from tests.support import run_quiet as _run
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
+ROOT = Path(_REPO)
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 # 2 processes x 2 fake devices; --cpus-per-task=1 -> the script passes num_workers=0.
 SBATCH_CPU = ["--gpus-per-node=0", "--ntasks=2", "--cpus-per-task=1", "--time=15"]
-# Tiny demo run: 48 Train examples -> 6 steps per epoch; metrics logged and stop signals checked
-# every step so the interruption lands mid-run.
-TINY = ["--config.demo.per_class=12", "--config.demo.max_side=64",
-        "--config.stored_image_size=40", "--config.image_size=32", "--config.batch_size=8",
-        "--config.eval_batch_size=8", "--config.num_epochs=2", "--config.log_every_steps=1",
-        "--config.signal_check_every_steps=1", "--config.checkpoint_every_steps=100"]
-
-
-def _run(cmd: list[str], **kwargs) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, **kwargs)
-    if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
-    return out.stdout
-
-
-def _cluster_problem() -> str | None:
-    """Why the Slurm tests cannot run here, or None when an idle node is there."""
-    missing = [c for c in ("sbatch", "sinfo", "scontrol", "scancel") if not shutil.which(c)]
-    if missing:
-        return f"Slurm commands not found: {', '.join(missing)} (.ci/slurm_up.sh installs them)"
-    try:
-        nodes = _run(["sinfo", "-h", "-t", "idle", "-o", "%n"]).split()
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        return f"Slurm controller not reachable: {e}"
-    return None if nodes else "no idle Slurm node"
-
-
-class Cluster:
-    """Submits jobs from the repository root and cancels leftovers at the end."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.jobs: list[str] = []
-        self.env = dict(os.environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-                        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                        # Shared by all jobs here: later runs skip most of the compilation.
-                        JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-
-    def submit(self, script: str, name: str, sbatch_args: list[str], args: list[str],
-               **env: str) -> str:
-        cmd = ["sbatch", "--parsable", f"--job-name={name}",
-               f"--output={self.tmp / name}-%j.out", *sbatch_args, script, *args]
-        job = _run(cmd, cwd=ROOT, env=dict(self.env, **env)).strip().split(";")[0]
-        self.jobs.append(job)
-        return job
-
-    def log(self, job: str) -> str:
-        logs = sorted(self.tmp.glob(f"*-{job}.out"))
-        return logs[0].read_text(errors="replace") if logs else "(no log)"
-
-    def cancel_all(self) -> None:
-        for job in self.jobs:
-            subprocess.run(["scancel", job], capture_output=True, check=False)
 
 
 def job_info(job: str) -> dict[str, str]:

@@ -14,7 +14,10 @@ import time
 import pytest
 
 from jaxmm import paths
-from tests.test_slurm import JOB_TIMEOUT_S, ROOT, TINY, Cluster, _cluster_problem
+from tests.support import JOB_TIMEOUT_S, Cluster
+from tests.support import REPO as ROOT
+from tests.support import SLURM_TINY as TINY
+from tests.support import cluster_problem as _cluster_problem
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

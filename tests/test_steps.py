@@ -11,47 +11,11 @@ import optax
 import pytest
 
 from jaxmm.training import losses, parallel, steps
+from tests.support import StandIn as _StandIn
+from tests.support import step_batch as _batch
+from tests.support import step_state as _state
 
 AXIS = parallel.AXIS_NAME
-
-
-class _StandIn(nn.Module):
-    """A small image+text model with synchronised BatchNorm, shaped like the real one."""
-
-    axis_name: str | None = AXIS
-
-    @nn.compact
-    def __call__(self, image, input_ids, attention_mask, *, train, modality_mask=None,
-                 example_ids=None):
-        # No conv bias before BatchNorm (as in ResNet): its gradient is exactly zero in theory,
-        # and Adam would turn float noise in it into full-size steps.
-        x = nn.Conv(4, (3, 3), use_bias=False)(image.astype(jnp.float32) / 255.0)
-        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name if train
-                         else None, momentum=0.9)(x)
-        x = jnp.mean(nn.relu(x), axis=(1, 2))
-        t = nn.Embed(50, 4)(input_ids) * attention_mask[..., None]
-        x = jnp.concatenate([x, t.sum(1)], -1)
-        return nn.Dense(3)(x)
-
-
-def _batch(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
-            "input_ids": rng.integers(0, 50, (n, 5)).astype(np.int32),
-            "attention_mask": np.ones((n, 5), np.int32),
-            # Uneven classes across devices: the first rows are all class 2.
-            "label": np.concatenate([np.full(n // 2, 2), rng.integers(0, 2, n - n // 2)])
-            .astype(np.int32)}
-
-
-def _state():
-    model = _StandIn()
-    b = _batch(2)
-    variables = model.init(jax.random.PRNGKey(0), b["image"], b["input_ids"],
-                           b["attention_mask"], train=False)
-    return steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                   batch_stats=variables["batch_stats"],
-                                   tx=optax.adam(1e-2))
 
 
 def _run(n_devices, num_steps=3):

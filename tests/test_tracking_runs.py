@@ -16,7 +16,11 @@ import urllib.request
 import pytest
 
 from jaxmm.experiments import run_table, tracking
-from tests.test_loop import ROOT, _env, _train_cmd, _wait_for_checkpoint, tiny_config
+from tests.support import REPO as ROOT
+from tests.support import env as _env
+from tests.support import tiny_config
+from tests.support import train_cmd as _train_cmd
+from tests.support import wait_for_checkpoint as _wait_for_checkpoint
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
