@@ -34,6 +34,7 @@ GALLERY_FILE = "gallery.png"  # every explanation of a folder in one grid
 BUNDLE_SPEC_FILE = "model.json"  # format version, architecture, classes, preprocessing, ...
 BUNDLE_WEIGHTS_FILE = "weights.safetensors"  # params + batch statistics, "/"-joined names
 BUNDLE_FUNCTION_FILE = "predict.jaxexport"  # serialized jax.export function (StableHLO)
+MODEL_CARD_FILE = "MODEL_CARD.md"  # for people; not digested, written anew by every export
 
 # --- A sweep folder (slurm/sweep.sh): one workdir per run, <index>-<overrides> ------------------
 SWEEP_FILE = "sweep.json"  # the runs of the sweep: names, overrides, trainer arguments

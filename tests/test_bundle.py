@@ -389,3 +389,42 @@ def test_predict_inputs_are_checked(bundle_dir, expected, caplog):
             jaxmm.Classifier.load(bundle_dir, batch_size=size, cache_dir="")
     clf.predict(np.asarray(Image.open(files[0]).convert("RGB")))
     assert "the empty text is used" in caplog.text
+
+
+def test_model_card_is_read_from_the_runs_files(trained_run, tmp_path):
+    import jaxmm
+    from jaxmm import paths
+    from jaxmm.trained import bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(paths.JAX_CACHE_DIR,
+                                                                    paths.EVAL_DIR))
+    out = str(tmp_path / "bundle")
+    record = bundle.export_run(str(run), out)
+    card = open(os.path.join(out, paths.MODEL_CARD_FILE), encoding="utf-8").read()
+    assert card.startswith("---\nlibrary_name: jaxmm\n") and record["model_id"] in card
+    assert "was not evaluated on its Test split" in card and "model-index" not in card
+    calibration = json.load(open(run / paths.CALIBRATION_FILE))
+    assert f"Temperature {calibration['temperature']:.3f}" in card
+    assert ", ".join(record["model"]["class_names"]) in card
+    assert "Prepare skipped 0 file(s)" in card  # recorded in the run when it started
+    assert paths.MODEL_CARD_FILE not in record["digests"]
+    test_dir = run / paths.EVAL_DIR / "best" / "test"
+    test_dir.mkdir(parents=True)
+    names = record["model"]["class_names"]
+    counts = [[4, 1, 0, 0], [0, 3, 0, 1], [0, 0, 4, 0], [2, 0, 0, 1]]
+    metrics = {"num_examples": 16, "accuracy": 0.75, "balanced_accuracy": 0.7,
+               "macro_f1": 0.6875, "confusion_matrix": {"labels": names, "counts": counts}}
+    (test_dir / "metrics.json").write_text(json.dumps(metrics))
+    bundle.export_run(str(run), out)
+    card = open(os.path.join(out, paths.MODEL_CARD_FILE), encoding="utf-8").read()
+    assert "accuracy 75.0 %" in card and "value: 0.6875" in card
+    assert f"true **{names[3]}** predicted as **{names[0]}**: 66.7 %" in card
+    metrics["accuracy"] = 0.5  # a number changes in the run's files: the card follows
+    (test_dir / "metrics.json").write_text(json.dumps(metrics))
+    bundle.export_run(str(run), out)
+    card = open(os.path.join(out, paths.MODEL_CARD_FILE), encoding="utf-8").read()
+    assert "accuracy 50.0 %" in card and "accuracy 75.0 %" not in card
+    with open(os.path.join(out, paths.MODEL_CARD_FILE), "a", encoding="utf-8") as f:
+        f.write("\nA note of mine.\n")  # the card is the user's to edit
+    jaxmm.Classifier.load(out, cache_dir="")

@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 from jaxmm.experiments import run_table, tracking
+from jaxmm.trained.workdir import Workdir
 from tests.support import REPO as ROOT
 from tests.support import env as _env
 from tests.support import tiny_config
@@ -45,7 +46,7 @@ def _metrics_rows(workdir):
     tracker does. (A train row averages the steps since the previous row, so the first train
     row after a resume covers fewer steps than the row the killed run wrote for that step.)"""
     rows = {}
-    for r in run_table.read_metrics(str(workdir), []):
+    for r in Workdir(str(workdir)).metric_rows():
         rows.setdefault((r["kind"], r["step"]), r)
     return rows
 

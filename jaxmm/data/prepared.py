@@ -257,12 +257,19 @@ def dataset_meta(dataset_dir: str) -> dict:
 
 
 def data_record(dataset_dir: str, meta: dict) -> dict:
-    """What identifies a prepared dataset: fingerprint, class names, sizes, counts, options."""
+    """What identifies a prepared dataset (fingerprint, class names, sizes, counts, options) and
+    what prepare reported about it (skipped files, copies across splits, text sources)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(dataset_dir)))
     stored = files.read_json(os.path.join(root, paths.FINGERPRINT_FILE)) or {}
+    report = files.read_json(os.path.join(root, paths.REPORT_FILE)) or {}
+    duplicates = report.get("duplicates") or {}
     return {"fingerprint": stored.get("fingerprint"), "class_names": list(meta["class_names"]),
             "num_examples": dict(meta["num_examples"]), "counts": meta.get("counts", {}),
-            "options": meta.get("options", {})}
+            "options": meta.get("options", {}),
+            # What prepare reported, kept with the run so its model card needs no dataset.
+            "report": {"skipped": len(report.get("skipped") or []),
+                       "duplicates": {k: duplicates.get(k) for k in ("exact", "near", "counts")},
+                       "text_sources": report.get("text_sources")}}
 
 
 def _train_texts(dataset_dir: str) -> list[str]:

@@ -124,14 +124,14 @@ def numeric(values: dict) -> dict:
 
 def read_state(workdir: str) -> dict:
     """``tracking.json``: backend, run id, where, and the highest step logged per kind."""
-    state = files.read_json(paths.in_workdir(workdir, paths.TRACKING_FILE))
+    state = files.read_json(os.path.join(workdir, paths.TRACKING_FILE))
     state = state if isinstance(state, dict) else {}
     state.setdefault("last_step", {})
     return state
 
 
 def write_state(workdir: str, state: dict) -> None:
-    files.write_json(paths.in_workdir(workdir, paths.TRACKING_FILE), state)
+    files.write_json(os.path.join(workdir, paths.TRACKING_FILE), state)
 
 
 def make_backend(name: str, workdir: str, experiment: str, uri: str | None):
@@ -274,9 +274,7 @@ class Tracker:
     def _backfill(self) -> None:
         """Logs the rows of metrics.jsonl the tracked run lacks (written while tracking was off
         or failing, or by a run killed before its tracker caught up)."""
-        from jaxmm.experiments import run_table
-
-        for row in run_table.read_metrics(self.workdir, []):
+        for row in Workdir(self.workdir).metric_rows():
             if isinstance(row.get("step"), int):
                 self._handle(("metrics", row["step"], row["kind"],
                               numeric({k: v for k, v in row.items() if k not in _NOT_METRICS})))
@@ -297,11 +295,11 @@ class Tracker:
 
     def _finish(self, status: str | None) -> None:
         if self._training and status != "failed":
-            summary = files.read_json(paths.in_workdir(self.workdir, paths.SUMMARY_FILE)) or {}
+            summary = files.read_json(os.path.join(self.workdir, paths.SUMMARY_FILE)) or {}
             status = status or summary.get("status")
             self._backend.set_tags(run_end_tags(self.workdir, summary))
             for name in (paths.CURVES_FILE, paths.SUMMARY_FILE):
-                self._handle(("artifact", paths.in_workdir(self.workdir, name), ""))
+                self._handle(("artifact", os.path.join(self.workdir, name), ""))
         self._backend.close(status)
 
 

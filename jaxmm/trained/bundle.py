@@ -2,18 +2,16 @@
 
 A bundle (``python -m jaxmm.export``) holds, under the names in ``jaxmm.paths``:
 
-- ``model.json``: the format, the model's ``ModelSpec`` (``"model"``: classes, architecture,
-  machine-exact preprocessing, calibration), the inputs and outputs of the exported function,
-  the name, shape and dtype of every weight, the tokenizer's settings, a SHA-256 digest of every
-  content file, the model id, package versions and where the weights came from. Every field is
-  described in docs/bundle.md; ``examples/predict_standalone.py`` is a client built from it alone.
-- ``weights.safetensors``: params and batch statistics, "/"-joined names (no pickle).
-- ``tokenizer/``: the run's tokenizer (``tokenizer.json`` is what a client needs).
-- ``predict.jaxexport``: a serialized ``jax.export`` function (StableHLO lowered for CPU and
-  CUDA, symbolic batch size) mapping (variables, uint8 images, token ids, mask) to logits.
+- ``model.json``: the model's ``ModelSpec`` (``"model"``), the exported function's inputs and
+  outputs, every weight's shape and dtype, the tokenizer's settings, a SHA-256 of every content
+  file, the model id, versions and provenance (docs/bundle.md describes every field;
+  ``examples/predict_standalone.py`` is a client built from it alone).
+- ``weights.safetensors`` (no pickle), ``tokenizer/``, and ``predict.jaxexport``: a serialized
+  ``jax.export`` function (StableHLO for CPU and CUDA, symbolic batch size) from (variables,
+  uint8 images, token ids, mask) to logits; ``MODEL_CARD.md`` for people (not digested).
 
-Files a user adds (a model card, notes) are not part of the digests and survive a re-export.
-Reading checks every field and every digest and fails with one line naming the file and key.
+Files a user adds are not digested and survive a re-export. Reading checks every field and
+every digest and fails with one line naming the file and key.
 Importing this module is cheap (no jax, flax or transformers); writing imports them.
 """
 
@@ -36,7 +34,7 @@ PLATFORMS = ("cpu", "cuda")
 ARGUMENTS = ("variables", "image", "input_ids", "attention_mask")
 # The files of a bundle that jaxmm writes; a re-export replaces these and nothing else.
 OWN_FILES = (paths.BUNDLE_SPEC_FILE, paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
-             paths.TOKENIZER_DIR)
+             paths.TOKENIZER_DIR, paths.MODEL_CARD_FILE)
 
 
 def _reason(error: BaseException) -> str:
@@ -333,7 +331,7 @@ def _move_into(tmp: str, out_dir: str) -> None:
 
 
 def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
-                 platforms=PLATFORMS) -> dict:
+                 platforms=PLATFORMS, workdir=None) -> dict:
     """Writes a bundle folder (into a private folder first, then moved into place).
 
     Args:
@@ -341,6 +339,7 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
       trained: the model (built without a pmap axis), its variables, tokenizer and spec.
       source: provenance (checkpoint, step, the run's config and data record).
       platforms: platforms the function is lowered for.
+      workdir: the run's ``Workdir``, for the model card (none without it).
 
     Returns:
       The model.json record.
@@ -375,6 +374,10 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
             "extensions": {},
         }
         files.write_json(os.path.join(tmp, paths.BUNDLE_SPEC_FILE), record)
+        if workdir is not None:
+            from jaxmm.trained import model_card
+
+            model_card.write_card(tmp, record, workdir)
         _move_into(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,4 +400,4 @@ def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=P
     record = wd.read_record()
     source = {"checkpoint": str(checkpoint), "step": int(trained.step),
               "config": record["config"], "data": record.get("data")}
-    return write_bundle(out_dir, trained, source, platforms)
+    return write_bundle(out_dir, trained, source, platforms, workdir=wd)
