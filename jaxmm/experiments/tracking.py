@@ -163,6 +163,7 @@ class Tracker:
         self._state = {"last_step": {}}
         self._failed = self._closed = self._full = False
         self._start_cpu = 0.0
+        self._handoff = [0.0, 0]  # seconds the caller spent handing items over, and how many
         # The package is imported here, before the first step: imported by the thread, its
         # seconds of Python would hold the interpreter lock while the loop runs.
         self._guarded(backend.load)
@@ -210,8 +211,11 @@ class Tracker:
     def _put(self, item) -> None:
         if self._failed or self._closed:
             return
+        start = time.perf_counter()
         try:
             self._queue.put_nowait(item)
+            self._handoff[0] += time.perf_counter() - start
+            self._handoff[1] += 1
         except queue.Full:
             if not self._full:
                 self._full = True
@@ -232,12 +236,16 @@ class Tracker:
     def _record_cost(self) -> None:
         """Adds what tracking cost to tracking.json: this thread's CPU seconds (of which
         ``start``: opening the store and the run, once per process) next to the whole process's
-        (training included); read back from the file so nothing else changes."""
+        (training included), and the wall seconds the training loop spent handing rows over
+        (``handoff``, for ``handoff_items`` items); read back from the file so nothing else
+        changes."""
         with contextlib.suppress(OSError):
             state = read_state(self.workdir)
             state["cpu_seconds"] = {"tracking_thread": round(time.thread_time(), 3),
                                     "start": round(self._start_cpu, 3),
-                                    "process": round(time.process_time(), 3)}
+                                    "process": round(time.process_time(), 3),
+                                    "handoff": round(self._handoff[0], 6),
+                                    "handoff_items": self._handoff[1]}
             write_state(self.workdir, state)
 
     def _guarded(self, fn, *args) -> None:
