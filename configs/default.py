@@ -20,6 +20,7 @@ def get_config():
     c.class_names = ()  # () = the sorted class folders of the Train split.
     c.text_source = "filename"  # "filename" | "caption" | "both" (captions need the CSVs).
     c.stored_image_size = 256  # Shorter side the prepared records are stored at (pixels).
+    c.exif_transpose = True  # Turn images upright by their EXIF orientation tag (phone photos).
     c.image_size = 224  # Crop fed to the model (pixels).
     c.max_text_length = 32  # Tokens per text, padded/truncated; texts are 1-10 words.
     c.tokenizer = "weights/distilbert"  # HF tokenizer folder (or cached hub id); "" = train one.
@@ -86,6 +87,10 @@ def get_config():
     # --- Evaluation, checkpoints, logging -------------------------------------------------------
     c.early_stopping_metric = "macro_f1"  # Validation metric that picks the best checkpoint.
     c.exclude_test_duplicates = False  # Evaluate also scores test without its copies of Train.
+    # Temperature scaling fitted on validation at the end of training: "trusted" applies it only
+    # when it passes the trust criterion (>= 50 examples, not at a search bound, a held-out NLL
+    # gain; docs/evaluation.md), "always" applies any fit, "off" fits none.
+    c.calibration = "trusted"
     c.patience = 3  # Epochs without improvement before stopping; 0 = never stop early.
     c.checkpoint_every_steps = 200  # Also saved at every epoch end and on SIGTERM/SIGUSR1.
     c.keep_checkpoints = 2  # Latest checkpoints kept, at least 1 (the best one is separate).

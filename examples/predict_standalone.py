@@ -21,7 +21,7 @@ import sys
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 FORMAT, FORMAT_VERSION = "jaxmm-bundle", 2
 
@@ -74,6 +74,8 @@ def stored_image(img, pre):
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if nw * nh > pre["max_pixels"]:
+        raise ValueError(f"a {w}x{h} image resizes to {nw}x{nh}, over {pre['max_pixels']} pixels")
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), RESAMPLE[pre["resize_resample"]],
                          reducing_gap=pre["resize_reducing_gap"])
@@ -100,7 +102,10 @@ def centre_crop(img, pre):
 
 
 def image_input(path, pre):
-    img = to_rgb(decode(path, pre["max_pixels"]))
+    img = decode(path, pre["max_pixels"])
+    if pre.get("exif_transpose", False):  # absent in bundles written before the field existed
+        img = ImageOps.exif_transpose(img)
+    img = to_rgb(img)
     return np.asarray(centre_crop(stored_image(img, pre), pre), np.uint8)
 
 

@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text_source", default="filename", choices=captions_lib.TEXT_SOURCES)
     p.add_argument("--class_names", default="", help="comma-separated label order")
     p.add_argument("--image_format", default="jpeg", choices=prepared.IMAGE_FORMATS)
+    p.add_argument("--exif_transpose", action=argparse.BooleanOptionalAction, default=True,
+                   help="turn images upright by their EXIF orientation tag; "
+                        "config.exif_transpose")
     return p.parse_args(argv)
 
 
@@ -35,7 +38,7 @@ def _prepare(argv: list[str] | None = None) -> None:
     names = tuple(n for n in args.class_names.split(",") if n)
     prepared.prepare(args.data_dir, args.out_dir, stored_image_size=args.stored_image_size,
                      workers=args.workers, text_source=args.text_source, class_names=names,
-                     image_format=args.image_format)
+                     image_format=args.image_format, exif_transpose=args.exif_transpose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,3 +119,53 @@ def test_reliability_diagram_writes_png(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(calibration.expected_calibration_error(HAND_PROBS, HAND_LABELS))
+
+
+def _record(logits, labels, policy="trusted"):
+    t = calibration.fit_temperature(logits, labels)
+    return calibration.calibration_record(logits, labels, t, policy=policy)
+
+
+def test_trust_criterion_applies_a_temperature_that_helps_unseen_data():
+    logits, labels = calibrated_logits(n=400, seed=4)
+    record = _record(2.5 * logits, labels)  # overconfident: T near 2.5 helps both halves
+    assert record["applied"] and record["reason"] == "all criteria hold"
+    assert record["criterion"]["held_out_nll_gain"] > 0.01
+
+
+@pytest.mark.parametrize("case", ["one example", "all right", "few examples", "no signal",
+                                  "no held-out gain"])
+def test_trust_criterion_refuses_a_temperature_it_cannot_trust(case):
+    logits, labels = calibrated_logits(n=400, seed=5)
+    if case == "one example":  # the fit runs to the lower bound: NLL 1.36 -> 26 on test
+        logits, labels, reason = logits[:1] * 0 + [[3.0, 0, 0, 0]], [0], "fewer than 50"
+    elif case == "all right":  # a split the model gets entirely right: T at the lower bound
+        labels = logits.argmax(axis=1)
+        reason = "search bound"
+    elif case == "few examples":
+        logits, labels, reason = 2.5 * logits[:40], labels[:40], "40 examples, fewer than 50"
+    elif case == "no signal":  # logits unrelated to the labels: T runs to the upper bound
+        labels = np.random.default_rng(1).integers(0, 4, len(labels))
+        reason = "search bound"
+    else:  # calibrated already: a T fitted on one half does not help the other
+        logits, labels = calibrated_logits(n=60, seed=11)
+        reason = "no held-out NLL gain"
+    record = _record(logits, labels)
+    assert not record["applied"] and reason in record["reason"], record
+    forced = _record(logits, labels, policy="always")
+    assert forced["applied"] and "config.calibration='always'" in forced["reason"]
+
+
+def test_a_temperature_that_is_not_applied_is_not_used(tmp_path):
+    from jaxmm.errors import WorkdirError
+    from jaxmm.trained.workdir import Workdir
+
+    wd = Workdir(str(tmp_path))
+    logits, labels = calibrated_logits(n=400, seed=5)
+    record = _record(logits, logits.argmax(axis=1))
+    wd.write_calibration(record)
+    assert not record["applied"] and wd.temperature() is None
+    assert wd.calibration()["temperature"] == record["temperature"]  # kept, for the record
+    (tmp_path / "calibration.json").write_text('{"temperature": 2, "applied": "yes"}')
+    with pytest.raises(WorkdirError, match=r"calibration\.json: applied must be true or false"):
+        wd.temperature()

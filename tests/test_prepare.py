@@ -68,8 +68,16 @@ def _bad_inputs(black: str) -> dict:
     Image.fromarray(np.full((30, 40), 32768, np.uint16)).save(os.path.join(black, "deep_1.png"))
     Image.new("RGBA", (40, 30), (10, 200, 10, 128)).save(os.path.join(black, "alpha_1.png"))
     Image.new("RGB", (40, 30), (5, 5, 250)).save(os.path.join(black, "Café_ñandú_2.png"))
+    # Passes the decode bound (600,000 px) but would resize to 32 x 19,200,000 px.
+    Image.new("L", (600_000, 1), 7).save(os.path.join(black, "strip_1.png"))
+    # A phone photo: stored 40 x 30 with an EXIF tag saying "turn 90 degrees" (orientation 6).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    phone = Image.new("RGB", (40, 30), (200, 30, 30))
+    phone.paste((30, 30, 200), (0, 0, 20, 30))  # left half blue: after turning, the top half
+    phone.save(os.path.join(black, "phone_1.jpg"), exif=exif, quality=95)
     return {"corrupt_1.png", "truncated_1.png", "empty_1.png", "notes.txt", "bomb_1.png",
-            "dangling_1.png"}
+            "dangling_1.png", "strip_1.png"}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +99,13 @@ def test_bad_input_skipped_and_converted(raw_small, tmp_path):
     skipped = {os.path.basename(s["file"]): s["reason"] for s in report["skipped"]}
     assert set(skipped) == bad, skipped
     assert "Bomb" in skipped["bomb_1.png"] and "0 bytes" in skipped["empty_1.png"]
+    assert "ResizeBombError" in skipped["strip_1.png"], skipped["strip_1.png"]
+    assert "over the bound of 50000000 pixels" in skipped["strip_1.png"]
     recs = _records(ds_dir, "train")
     black = "CVPR_2024_dataset_Train/Black/"
+    phone = recs[black + "phone_1.jpg"]["image"]
+    assert phone.shape == (43, 32, 3)  # turned upright: portrait
+    assert phone[:10, :, 2].mean() > 150 and phone[-10:, :, 0].mean() > 150  # blue on top
     for name in ("grey_1.png", "palette_1.png", "deep_1.png", "alpha_1.png", "Café_ñandú_2.png"):
         assert recs[black + name]["image"].shape == (32, 43, 3), name
     assert abs(int(recs[black + "deep_1.png"]["image"].mean()) - 128) < 3  # rescaled, not white

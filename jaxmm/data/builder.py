@@ -75,8 +75,8 @@ class GarbageDataset(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         samples = self._plan[split]
         o = self._options
-        tasks = ((os.path.join(self._raw_dir, s.rel_path), o.size, o.fmt, o.quality, o.max_pixels)
-                 for s in samples)
+        tasks = ((os.path.join(self._raw_dir, s.rel_path), o.size, o.fmt, o.quality, o.max_pixels,
+                  o.exif_transpose) for s in samples)
         results = (self._pool.imap(dedup.encode_and_hash, tasks, chunksize=4) if self._pool
                    else map(dedup.encode_and_hash, tasks))
         hashes = self.hashes[split] = []

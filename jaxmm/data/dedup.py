@@ -72,18 +72,19 @@ def encode_and_hash(args: tuple) -> tuple[bytes | None, str, tuple | None]:
     """Pool worker of prepare: decodes, converts, resizes, encodes and hashes one file.
 
     Args:
-      args: (path, stored shorter side, 'jpeg'|'png', jpeg quality, max pixels).
+      args: (path, stored shorter side, 'jpeg'|'png', jpeg quality, max pixels, apply the
+        EXIF orientation).
 
     Returns:
       (encoded bytes, '', (exact hash, perceptual hash, thumbnail)) on success, or
       (None, reason, None) on any failure.
     """
-    path, size, fmt, quality, max_pixels = args
+    path, size, fmt, quality, max_pixels, exif_transpose = args
     try:
         if os.path.getsize(path) == 0:
             return None, "empty file (0 bytes)", None
-        rgb = transforms.to_rgb(transforms.open_image(path, max_pixels))
-        stored = transforms.resize_shorter(rgb, size)
+        rgb = transforms.decode_rgb(path, max_pixels, exif_transpose)
+        stored = transforms.resize_shorter(rgb, size, max_pixels=max_pixels)
         return (transforms.encode(stored, fmt, quality), "",
                 (exact_hash(stored, rgb.size), perceptual_hash(stored), thumbnail(stored)))
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "skip and report"

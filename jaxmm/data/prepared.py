@@ -30,9 +30,14 @@ TMP_PREFIX = ".prepare-tmp-"  # OUT/.prepare-tmp-<pid>: the dataset being built
 
 
 def _options(scan: builder_lib.Scan, stored_image_size: int, text_source: str,
-             image_format: str) -> dict:
-    return {"stored_image_size": stored_image_size, "text_source": text_source,
-            "class_names": scan.class_names, "image_format": image_format}
+             image_format: str, exif_transpose: bool) -> dict:
+    out = {"stored_image_size": stored_image_size, "text_source": text_source,
+           "class_names": scan.class_names, "image_format": image_format}
+    if exif_transpose:
+        # Recorded only when on, so that datasets prepared before the option existed (never
+        # turned) keep their fingerprint when prepared again with --no-exif_transpose.
+        out["exif_transpose"] = True
+    return out
 
 
 def _fingerprint(scan: builder_lib.Scan, options: dict) -> str:
@@ -49,7 +54,7 @@ def config_fingerprint(config) -> str | None:
     except PrepareError:
         return None
     return _fingerprint(scan, _options(scan, config.stored_image_size, config.text_source,
-                                       "jpeg"))
+                                       "jpeg", config.get("exif_transpose", True)))
 
 
 def check_options(stored_image_size, workers, image_format) -> None:
@@ -146,7 +151,7 @@ def _default_workers(scan: builder_lib.Scan) -> int:
 
 def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, workers: int = 0,
             text_source: str = "filename", class_names=(), image_format: str = "jpeg",
-            log=print) -> tuple[str, bool]:
+            exif_transpose: bool = True, log=print) -> tuple[str, bool]:
     """Builds the prepared dataset unless it is up to date.
 
     Args:
@@ -157,6 +162,8 @@ def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, worker
       text_source: 'filename', 'caption' or 'both'.
       class_names: label order; empty = sorted Train class folders.
       image_format: 'jpeg' (q95) or 'png'.
+      exif_transpose: turn images upright by their EXIF orientation tag (phone photos) before
+        storing them; recorded in the dataset's options, and so in every model trained on it.
       log: where warnings and the summary go.
 
     Returns:
@@ -169,7 +176,7 @@ def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, worker
     """
     check_options(stored_image_size, workers, image_format)
     scan = builder_lib.scan(data_dir, list(class_names), text_source)
-    options = _options(scan, stored_image_size, text_source, image_format)
+    options = _options(scan, stored_image_size, text_source, image_format, exif_transpose)
     fingerprint = _fingerprint(scan, options)
     ds_dir = paths.dataset_path(out_dir)
     stored = files.read_json(os.path.join(out_dir, paths.FINGERPRINT_FILE)) or {}
@@ -184,7 +191,8 @@ def prepare(data_dir: str, out_dir: str, *, stored_image_size: int = 256, worker
     tmp_root = os.path.join(out_dir, f"{TMP_PREFIX}{os.getpid()}")
     shutil.rmtree(tmp_root, ignore_errors=True)
     try:
-        enc = builder_lib.EncodeOptions(size=stored_image_size, fmt=image_format)
+        enc = builder_lib.EncodeOptions(size=stored_image_size, fmt=image_format,
+                                        exif_transpose=exif_transpose)
         b = _build(scan, tmp_root, enc, workers or _default_workers(scan))
         report = _report(scan, b, options, time.perf_counter() - start)
         files.write_json(os.path.join(paths.dataset_path(tmp_root), paths.META_FILE), {
@@ -326,7 +334,7 @@ def _prepare_from_config(config, log=print) -> str:
     out_dir = prepared_dir(config)
     ds_dir, _ = prepare(config.data_dir, out_dir, stored_image_size=config.stored_image_size,
                         text_source=config.text_source, class_names=tuple(config.class_names),
-                        log=log)
+                        exif_transpose=config.get("exif_transpose", True), log=log)
     if not config.tokenizer:
         get_tokenizer(config, ds_dir)  # trains once, before others may read it
     stored = files.read_json(os.path.join(out_dir, paths.FINGERPRINT_FILE)) or {}

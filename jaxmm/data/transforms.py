@@ -14,7 +14,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Files prepare and predict treat as images (by extension, case-insensitive).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -36,12 +36,18 @@ RESAMPLE = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINE
 
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:
-    """How prepare stores images: shorter side, format, JPEG quality, decode-bomb bound."""
+    """How prepare stores images: shorter side, format, JPEG quality, decode-bomb bound (which
+    also bounds the resized image), and whether the EXIF orientation tag is applied."""
 
     size: int = 256
     fmt: str = "jpeg"
     quality: int = 95
     max_pixels: int = 50_000_000
+    exif_transpose: bool = True
+
+
+class ResizeBombError(ValueError):
+    """An image whose shorter-side resize would exceed the pixel bound (e.g. 1 x 600,000 px)."""
 
 
 def open_image(source, max_pixels: int) -> Image.Image:
@@ -69,6 +75,26 @@ def open_image(source, max_pixels: int) -> Image.Image:
     return img
 
 
+def decode_rgb(source, max_pixels: int, exif_transpose: bool) -> Image.Image:
+    """Opens, fully decodes and converts an image file to RGB, as prepare stores it.
+
+    Args:
+      source: a path or a file-like object.
+      max_pixels: the decompression-bomb bound (``open_image``).
+      exif_transpose: turn the image upright by its EXIF orientation tag (phone photos), as
+        the model's recorded preprocessing says; without a tag nothing changes.
+
+    Returns:
+      An RGB image.
+    """
+    return to_rgb(upright(open_image(source, max_pixels), exif_transpose))
+
+
+def upright(img: Image.Image, exif_transpose: bool) -> Image.Image:
+    """The image turned by its EXIF orientation tag when ``exif_transpose``, else as stored."""
+    return ImageOps.exif_transpose(img) if exif_transpose else img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Converts any PIL mode to 8-bit RGB.
 
@@ -94,7 +120,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_shorter(img: Image.Image, size: int, max_aspect: float = MAX_ASPECT,
                    resample: str = STORED_RESAMPLE,
-                   reducing_gap: float | None = STORED_REDUCING_GAP) -> Image.Image:
+                   reducing_gap: float | None = STORED_REDUCING_GAP,
+                   max_pixels: int = EncodeOptions.max_pixels) -> Image.Image:
     """Resizes so the shorter side is `size`, keeping the aspect ratio.
 
     Args:
@@ -104,13 +131,21 @@ def resize_shorter(img: Image.Image, size: int, max_aspect: float = MAX_ASPECT,
         the stored size of panoramas (the real data is square or nearly so).
       resample: a ``RESAMPLE`` filter name.
       reducing_gap: PIL's ``reducing_gap`` (first shrink by an integer factor), or None.
+      max_pixels: the bound on the resized image's pixels (the decode bound): a thin strip
+        that passes the decode bound can still resize to billions of pixels.
 
     Returns:
       The resized image.
+
+    Raises:
+      ResizeBombError: the resize would exceed ``max_pixels``.
     """
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if nw * nh > max_pixels:
+        raise ResizeBombError(f"a {w}x{h} image resizes to {nw}x{nh} pixels at shorter side "
+                              f"{size}, over the bound of {max_pixels} pixels")
     if (nw, nh) != (w, h):
         # reducing_gap first shrinks by an integer factor (fast), then resamples exactly.
         img = img.resize((nw, nh), RESAMPLE[resample], reducing_gap=reducing_gap)
@@ -147,17 +182,20 @@ class RawView:
 
     Args:
       stored_size, stored_format, jpeg_quality, max_pixels: how prepare stored the records.
+      exif_transpose: prepare turned images upright by their EXIF orientation tag.
       resize_resample, resize_reducing_gap, max_aspect: prepare's shorter-side resize.
       crop_size, crop_fraction, crop_resample: the evaluation centre crop.
     """
 
     def __init__(self, *, stored_size: int, stored_format: str, jpeg_quality: int,
                  max_pixels: int, resize_resample: str, resize_reducing_gap: float | None,
-                 max_aspect: float, crop_size: int, crop_fraction: float, crop_resample: str):
+                 max_aspect: float, crop_size: int, crop_fraction: float, crop_resample: str,
+                 exif_transpose: bool = False):
         self.stored = (int(stored_size), stored_format, int(jpeg_quality))
         self.max_pixels = int(max_pixels)
+        self.exif_transpose = bool(exif_transpose)
         self.resize = {"max_aspect": max_aspect, "resample": resize_resample,
-                       "reducing_gap": resize_reducing_gap}
+                       "reducing_gap": resize_reducing_gap, "max_pixels": self.max_pixels}
         self.crop = (int(crop_size), crop_fraction, crop_resample)
 
     def stored_image(self, image) -> bytes:
@@ -168,14 +206,17 @@ class RawView:
         """
         size, fmt, quality = self.stored
         if not isinstance(image, (str, os.PathLike)):
-            img = image if isinstance(image, Image.Image) else _array_image(image)
+            if isinstance(image, Image.Image):
+                img = upright(image, self.exif_transpose)
+            else:
+                img = _array_image(image)
             return encode(resize_shorter(to_rgb(img), size, **self.resize), fmt, quality)
         path = os.path.abspath(image)
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise ValueError("empty file (0 bytes)")
         try:
-            img = resize_shorter(to_rgb(open_image(path, self.max_pixels)), size, **self.resize)
-            return encode(img, fmt, quality)
+            img = decode_rgb(path, self.max_pixels, self.exif_transpose)
+            return encode(resize_shorter(img, size, **self.resize), fmt, quality)
         except Exception as e:  # noqa: BLE001 -- any decoder failure is one line
             raise ValueError(_reason(e)) from None
 

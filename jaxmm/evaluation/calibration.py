@@ -8,9 +8,9 @@ the arg-max, so accuracy is untouched. Everything runs on the host in float64 Nu
 Typical use::
 
     temperature = fit_temperature(val_logits, val_labels)
-    record = calibration_record(val_logits, val_labels, temperature)
+    record = calibration_record(val_logits, val_labels, temperature)  # + whether it is applied
     Workdir(path).write_calibration(record)
-    probs = softmax(test_logits, Workdir(path).temperature())
+    probs = softmax(test_logits, Workdir(path).temperature())  # None when not applied
 """
 
 import math
@@ -20,6 +20,12 @@ import numpy as np
 NUM_BINS = 15  # equal-width confidence bins of the expected calibration error
 # Search range of the fitted temperature (on a log scale).
 _T_MIN, _T_MAX = 0.02, 50.0
+# When a fitted temperature is trusted (``trust``): enough examples, not stuck at a search
+# bound, and a lower NLL on held-out halves of the split than no temperature at all.
+MIN_EXAMPLES = 50
+# config.calibration: apply a fit only when trusted, apply any fit, or fit none.
+POLICIES = ("trusted", "always", "off")
+_BOUND_MARGIN = 1.01  # a temperature within 1 % of a search bound counts as at the bound
 _EPS = 1e-300  # floor of a probability before its log (float64 underflows below ~1e-308)
 
 
@@ -135,10 +141,63 @@ def fit_temperature(logits, labels) -> float:
     return float(math.exp(result.x))
 
 
-def calibration_record(logits, labels, temperature: float, split: str = "validation") -> dict:
-    """The content of ``calibration.json``: T and the metrics before and after it on ``split``."""
+def held_out_gain(logits, labels) -> float | None:
+    """Mean NLL gain of a fitted temperature on data it was not fitted on.
+
+    The split is cut into two halves (a fixed permutation); T is fitted on each half and the
+    NLL of the other half is compared with and without it. Positive: the temperature helps
+    data it has not seen. None when a half would be empty.
+    """
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    if len(labels) < 2:
+        return None
+    order = np.random.default_rng(0).permutation(len(labels))
+    halves = order[: len(order) // 2], order[len(order) // 2:]
+    gains = []
+    for fit_on, test_on in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit_on], labels[fit_on])
+        gains.append(nll(softmax(logits[test_on]), labels[test_on])
+                     - nll(softmax(logits[test_on], t), labels[test_on]))
+    return float(np.mean(gains))
+
+
+def trust(logits, labels, temperature: float, policy: str = "trusted") -> dict:
+    """Whether a fitted temperature should be applied, and why (``calibration.json``'s
+    ``applied``, ``reason`` and ``criterion``).
+
+    A temperature is applied only when all hold: at least ``MIN_EXAMPLES`` examples (a
+    handful fits noise); the fit is not at a search bound (a split the model gets entirely
+    right drives T to the lower bound, which makes every answer certain); and fitting on one
+    half of the split lowers the NLL of the other half, both ways round (``held_out_gain``).
+    ``policy="always"`` applies the temperature whatever the criterion says (the reason then
+    still says which criteria fail).
+    """
+    n = int(len(labels))
+    at_bound = not _T_MIN * _BOUND_MARGIN < temperature < _T_MAX / _BOUND_MARGIN
+    gain = held_out_gain(logits, labels) if n >= MIN_EXAMPLES and not at_bound else None
+    reasons = []
+    if n < MIN_EXAMPLES:
+        reasons.append(f"{n} examples, fewer than {MIN_EXAMPLES}")
+    if at_bound:
+        reasons.append(f"the fit ended at a search bound ({temperature:.4g}; bounds "
+                       f"[{_T_MIN}, {_T_MAX}])")
+    if gain is not None and gain <= 0:
+        reasons.append(f"no held-out NLL gain ({gain:+.4f} on halves of the split)")
+    reason = "; ".join(reasons) if reasons else "all criteria hold"
+    if policy == "always" and reasons:
+        reason = f"applied as config.calibration='always' asks, although: {reason}"
+    return {"applied": not reasons or policy == "always", "policy": policy, "reason": reason,
+            "criterion": {"min_examples": MIN_EXAMPLES, "bounds": [_T_MIN, _T_MAX],
+                          "held_out_nll_gain": gain}}
+
+
+def calibration_record(logits, labels, temperature: float, split: str = "validation",
+                       policy: str = "trusted") -> dict:
+    """The content of ``calibration.json``: T, whether it is applied (``trust`` under
+    ``policy``), and the metrics before and after it on ``split``."""
     return {
         "temperature": float(temperature),
+        **trust(logits, labels, temperature, policy),
         "split": split,
         "num_examples": int(len(labels)),
         "before": calibration_metrics(softmax(logits), labels),
@@ -146,7 +205,7 @@ def calibration_record(logits, labels, temperature: float, split: str = "validat
     }
 
 
-def fit_on_split(evaluator, variables, step: int) -> dict:
+def fit_on_split(evaluator, variables, step: int, policy: str = "trusted") -> dict:
     """Fits the temperature on a split's predictions (every process must call it: the split
     is evaluated on all devices and processes).
 
@@ -154,6 +213,7 @@ def fit_on_split(evaluator, variables, step: int) -> dict:
       evaluator: a ``scoring.SplitEvaluator`` of the validation split.
       variables: the replicated variables to calibrate.
       step: the checkpoint step of the variables.
+      policy: ``config.calibration`` ("trusted" or "always"): when the fit is applied.
 
     Returns:
       The ``calibration_record`` (with the checkpoint step), for ``calibration.json``.
@@ -163,7 +223,7 @@ def fit_on_split(evaluator, variables, step: int) -> dict:
     # Log-probabilities are the logits up to a per-row shift, which softmax ignores.
     logits = log_probs_as_logits(predictions["probs"])
     record = calibration_record(logits, labels, fit_temperature(logits, labels),
-                                evaluator.split)
+                                evaluator.split, policy)
     record["checkpoint_step"] = int(step)
     return record
 

@@ -226,8 +226,9 @@ def open_split(wd: Workdir, trained: TrainedModel, split: str) -> scoring.SplitE
 def fit_calibration(wd: Workdir, trained: TrainedModel, variables) -> dict:
     """Fits the temperature of a trained model on the run's validation split; process 0 writes
     calibration.json. Every process must call it."""
+    policy = wd.config().get("calibration", "trusted")
     record = calibration.fit_on_split(open_split(wd, trained, "validation"), variables,
-                                      trained.step)
+                                      trained.step, "trusted" if policy == "off" else policy)
     if train_log.is_writer():
         wd.write_calibration(record)
     return record
@@ -262,8 +263,9 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
     notes = []
     if calibrate:
         record = fit_calibration(wd, trained, variables)
+        applied = "applied" if record["applied"] else f"not applied: {record['reason']}"
         notes.append(f"calibration: temperature {record['temperature']:.3f} fitted on "
-                     f"validation, written to {paths.CALIBRATION_FILE}")
+                     f"validation ({applied}), written to {paths.CALIBRATION_FILE}")
     evaluator = open_split(wd, trained, split)
     mods = scoring.selected_modalities(trained.modalities, modalities)
     metrics, predictions = evaluator(variables, mods, collect=True)
@@ -361,7 +363,12 @@ def _temperature(wd: Workdir, wanted: bool, notes: list) -> float | None:
     if not wanted:
         return None
     temperature = wd.temperature()
-    if temperature is None:
+    record = wd.calibration()
+    if record is not None and temperature is None:
+        notes.append(f"{paths.CALIBRATION_FILE}: the fitted temperature "
+                     f"{record['temperature']:.4g} is not applied ({record.get('reason')}): "
+                     "probabilities are uncalibrated")
+    elif temperature is None:
         notes.append(f"no {paths.CALIBRATION_FILE} in the workdir: probabilities are "
                      "uncalibrated (fit one with jaxmm.evaluate --calibrate)")
     return temperature

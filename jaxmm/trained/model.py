@@ -54,7 +54,9 @@ def _check(where: str, key: str, value, kind, low=None) -> None:
 class Preprocessing:
     """How a raw image file and its text become model input, exactly as evaluation does it.
 
-    Image: decode (bounded by ``max_pixels``), convert to RGB, resize the shorter side to
+    Image: decode (bounded by ``max_pixels``, which bounds the resized image too), turn upright
+    by the EXIF orientation tag when ``exif_transpose`` (False for models trained before the
+    field existed: their data was stored as decoded), convert to RGB, resize the shorter side to
     ``stored_size`` with ``resize_resample`` (PIL, ``reducing_gap``), cut the longer side to at
     most ``max_aspect`` x ``stored_size`` around the centre, re-encode as ``stored_format``
     (what prepare stored for training), decode again, then cut the central ``crop_fraction`` of
@@ -78,6 +80,7 @@ class Preprocessing:
     crop_fraction: float = transforms.EVAL_CROP_FRACTION
     crop_resample: str = transforms.CROP_RESAMPLE
     text_rule: tuple = captions.FILENAME_RULE
+    exif_transpose: bool = False
 
     def image_view(self) -> transforms.RawView:
         """The model's view of raw images (paths, PIL images, uint8 arrays)."""
@@ -135,6 +138,9 @@ class Preprocessing:
             if getattr(self, name) not in transforms.RESAMPLE:
                 _fail(where, k(name), f"must be one of {sorted(transforms.RESAMPLE)}, got "
                       f"{getattr(self, name)!r}")
+        if not isinstance(self.exif_transpose, bool):
+            _fail(where, k("exif_transpose"), f"must be true or false, got "
+                  f"{self.exif_transpose!r}")
         if self.stored_format not in IMAGE_FORMATS:
             _fail(where, k("stored_format"), f"must be one of {IMAGE_FORMATS}")
         if self.text_source not in TEXT_SOURCES:

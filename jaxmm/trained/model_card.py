@@ -103,6 +103,10 @@ def _calibration_section(cal: dict | None) -> list[str]:
     if not cal:
         return ["No temperature was fitted: probabilities are the model's raw softmax.", ""]
     before, after = cal["before"], cal["after"]
+    if cal.get("applied", True) is False:
+        return [f"A temperature of {cal['temperature']:.3f} was fitted on {cal['split']} "
+                f"({cal['num_examples']} examples) but is not applied: {cal.get('reason')}. "
+                "Probabilities are the model's raw softmax.", ""]
     return [f"Temperature {cal['temperature']:.3f}, fitted on {cal['split']} "
             f"({cal['num_examples']} examples): ECE {_num(before['ece'])} → "
             f"{_num(after['ece'])}, NLL {_num(before['nll'])} → {_num(after['nll'])}. It divides "

@@ -237,12 +237,18 @@ class Workdir:
             temperature_of(record, path)
         except ValueError as e:
             raise WorkdirError(str(e)) from None
+        if not isinstance(record.get("applied", True), bool):
+            raise WorkdirError(f"{path}: applied must be true or false, got "
+                               f"{record['applied']!r}")
         return record
 
     def temperature(self) -> float | None:
-        """The fitted temperature, or None."""
+        """The fitted temperature, or None when there is none or it failed the trust
+        criterion (``calibration.trust``; records written before it have no ``applied``)."""
         record = self.calibration()
-        return None if record is None else float(record["temperature"])
+        if record is None or record.get("applied", True) is False:
+            return None
+        return float(record["temperature"])
 
     def write_calibration(self, record: dict) -> str:
         return files.write_json(self.file(paths.CALIBRATION_FILE), record)

@@ -347,7 +347,8 @@ def _train(config, workdir: str, signals: StopSignals) -> dict:
         bar.close()
     run.ckpts.wait()
     run.train_iter.close()  # Stops grain workers and frees their shared memory.
-    if p.status != Status.PREEMPTED and p.best_step is not None:
+    if (p.status != Status.PREEMPTED and p.best_step is not None
+            and run.config.get("calibration", "trusted") != "off"):
         _fit_calibration(run)
     summary = _summary(run, run.compile_s)
     run.ckpts.close()
@@ -359,12 +360,15 @@ def _fit_calibration(run: "_Run") -> None:
     """Temperature scaling of the best checkpoint on validation (``paths.CALIBRATION_FILE``)."""
     variables, step = checkpointing.restore_model(run.workdir.path, "best")
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
-    record = calibration.fit_on_split(run.validation, parallel.replicate(variables), step)
+    record = calibration.fit_on_split(run.validation, parallel.replicate(variables), step,
+                                      run.config.get("calibration", "trusted"))
     if train_log.is_writer():
         run.workdir.write_calibration(record)
-    logging.info("calibration: temperature %.3f; validation NLL %.4f -> %.4f, ECE %.4f -> %.4f",
-                 record["temperature"], record["before"]["nll"], record["after"]["nll"],
-                 record["before"]["ece"], record["after"]["ece"])
+    logging.info("calibration: temperature %.3f (%s: %s); validation NLL %.4f -> %.4f, "
+                 "ECE %.4f -> %.4f", record["temperature"],
+                 "applied" if record["applied"] else "not applied", record["reason"],
+                 record["before"]["nll"], record["after"]["nll"], record["before"]["ece"],
+                 record["after"]["ece"])
 
 
 @jax.jit

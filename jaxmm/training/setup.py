@@ -17,7 +17,7 @@ from jaxmm import models, paths
 from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
-from jaxmm.evaluation import metrics
+from jaxmm.evaluation import calibration, metrics
 from jaxmm.experiments import tracking
 from jaxmm.trained.model import Preprocessing
 from jaxmm.training import checkpointing, losses, optim, parallel, steps, warm_start
@@ -75,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"{', '.join(steps.RNG_SCHEMES)}")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
+    if config.get("calibration", "trusted") not in calibration.POLICIES:
+        raise ConfigError(f"config.calibration={config.calibration!r}: choose one of "
+                          f"{', '.join(calibration.POLICIES)}")
     tracking.check_config(config)
 
 
@@ -120,7 +123,9 @@ def preprocessing(config: ml_collections.ConfigDict, meta: dict) -> Preprocessin
         max_text_length=config.max_text_length,
         text_source=options.get("text_source", config.text_source),
         stored_format=options.get("image_format", encoding.fmt),
-        jpeg_quality=encoding.quality, max_pixels=encoding.max_pixels)
+        jpeg_quality=encoding.quality, max_pixels=encoding.max_pixels,
+        # Datasets prepared before the option existed were stored as decoded, never turned.
+        exif_transpose=bool(options.get("exif_transpose", False)))
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int, vocab_size: int,
