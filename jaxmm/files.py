@@ -39,21 +39,39 @@ def read_json(path: str) -> dict | None:
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 text: the bytes of a file name that were not UTF-8 (Python
+    keeps them as lone surrogates) become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def csv_cell(value):
     """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @`` (or a
-    tab or carriage return) gets a leading apostrophe; numbers are left as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
+    tab or carriage return) gets a leading apostrophe, and non-UTF-8 bytes of a file name
+    become ``\\xNN`` (``printable``); numbers are left as they are."""
+    if isinstance(value, str):
+        value = printable(value)
+        if value.startswith(FORMULA_STARTS):
+            return "'" + value
     return value
 
 
 def write_csv(path: str, rows: list[dict], columns: list[str]) -> str:
-    """Writes ``rows`` (dicts) with the given column order; every cell goes through
-    ``csv_cell``, so a file name such as ``=HYPERLINK(...).png`` stays text."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+    """Writes ``rows`` (dicts) with the given column order, atomically (a temporary file in
+    the same folder, renamed): an interrupted write leaves the previous file or none, never
+    half of one. Every cell goes through ``csv_cell``, so a file name such as
+    ``=HYPERLINK(...).png`` stays text."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -53,17 +53,21 @@ def main(argv):
 
     images, problems, any_folder = classify.find_images(argv[1:])
     if not images:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError(files.printable("; ".join(problems)))
     if any_folder and _MODEL.value and not _OUT.value:
         raise ConfigError("give --out FILE.csv for the predictions of a folder")
+    _check_out(_OUT.value, images)
     if _EXPLAIN.value and _MODEL.value:
         raise ConfigError("--explain needs --workdir (a bundle has no gradients)")
     predictor = classify.open_predictor(_WORKDIR.value, _MODEL.value, _CHECKPOINT.value,
                                         _BATCH.value, not _NO_CALIBRATION.value)
-    text = classify.text_rule(_TEXT.value, _CAPTIONS.value, predictor.spec)
+    notes = []
+    text = classify.text_rule(_TEXT.value, _CAPTIONS.value, predictor.spec, images, notes)
+    for line in notes:
+        print(line, file=sys.stderr)
     rows, unreadable = classify.predict_files(predictor, images, text)
     for line in problems + unreadable:
-        print(f"skipped {line}", file=sys.stderr)
+        print(f"skipped {files.printable(line)}", file=sys.stderr)
     names = predictor.class_names
     out = _OUT.value or (Workdir(_WORKDIR.value).file(paths.PREDICTIONS_FILE)
                          if any_folder else "")
@@ -73,13 +77,27 @@ def main(argv):
         print(f"{len(rows)} predictions written to {os.path.abspath(out)}")
     for r in [] if out else rows:
         probs = "  ".join(f"{c} {r[f'p_{c}']:.3f}" for c in names)
-        print(f"{r['file']}: {r['predicted']} ({r['confidence']:.3f})  text '{r['text']}'  "
-              f"[{probs}]")
+        print(f"{files.printable(r['file'])}: {r['predicted']} ({r['confidence']:.3f})  text "
+              f"'{files.printable(r['text'])}'  [{probs}]")
     if _EXPLAIN.value and rows:
         written = classify.explain_files(predictor, rows, _EXPLAIN.value)
         print(f"{len(written)} explanation figures written to {os.path.abspath(_EXPLAIN.value)}")
     if not rows:
         sys.exit(1)
+
+
+def _check_out(out: str, images: list[str]) -> None:
+    """Refuses an --out that would destroy an input image or cannot be a file."""
+    if not out:
+        return
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a folder; give a CSV file name")
+    target = os.path.realpath(out)
+    for image in images:
+        if os.path.realpath(image) == target:
+            raise ConfigError(f"--out {out} is one of the input images; give another file")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise ConfigError(f"--out {out}: the folder {os.path.dirname(target)} does not exist")
 
 
 def run():

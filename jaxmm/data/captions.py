@@ -73,6 +73,21 @@ def caption_key(path: str) -> tuple[str, str]:
     return folder, parts[-1]
 
 
+def read_caption_rows(csv_path: str) -> list[tuple[int, str, str]]:
+    """The rows of a captions CSV as (line number, image, stripped description).
+
+    Raises:
+      ValueError: when the header lacks the ``image`` and ``description`` columns.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "description"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path}: expected columns 'image,description', "
+                             f"found {reader.fieldnames}")
+        return [(reader.line_num, row.get("image") or "", (row.get("description") or "").strip())
+                for row in reader]
+
+
 def load_captions(csv_path: str) -> dict[tuple[str, str], str]:
     """Reads a captions CSV into a dict keyed by (class folder, base name).
 
@@ -87,17 +102,72 @@ def load_captions(csv_path: str) -> dict[tuple[str, str], str]:
     Raises:
       ValueError: when the header lacks the two columns.
     """
-    captions = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"image", "description"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path}: expected columns 'image,description', "
-                             f"found {reader.fieldnames}")
-        for row in reader:
-            desc = (row.get("description") or "").strip()
-            if row.get("image") and desc:
-                captions[caption_key(row["image"])] = desc
-    return captions
+    return {caption_key(image): desc for _, image, desc in read_caption_rows(csv_path)
+            if image and desc}
+
+
+def match_captions(csv_path: str, image_paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Joins a captions CSV to the images being predicted, whatever way the paths were typed.
+
+    The rule: a row's ``image`` names a file by its base name, with the folder it sits in when
+    the row has one (``Black/cup_1.png``, ``./data/Black/cup_1.png`` and ``C:\\x\\Black\\cup_1.png``
+    all name ``cup_1.png`` in a folder ``Black``; ``cup_1.png`` alone names that base name in
+    any folder). An image matches a row when its base name is the row's and, when the row names
+    a folder, its own folder (of its absolute path) has that name; a row with its folder wins
+    over one without. Rows naming the same image twice keep the first; empty descriptions leave
+    the file-name text.
+
+    Args:
+      csv_path: an ``image,description`` CSV.
+      image_paths: the files being predicted (as typed or found in folders).
+
+    Returns:
+      ({image path: caption}, notes): the notes say how many images matched, which rows
+      matched no image and which rows repeat an earlier one (line numbers), one line each.
+
+    Raises:
+      ValueError: when the header lacks the two columns.
+    """
+    by_key, notes, duplicates = {}, [], []
+    rows = read_caption_rows(csv_path)
+    for line, image, desc in rows:
+        key = _row_key(image)
+        if key in by_key:
+            duplicates.append(f"line {line} repeats line {by_key[key][0]} ({image!r})")
+            continue
+        by_key[key] = (line, desc)
+    matched, used = {}, set()
+    for path in image_paths:
+        folder, base = caption_key(os.path.abspath(path))
+        for key in ((folder, base), (None, base)):
+            if key in by_key:
+                used.add(key)
+                if by_key[key][1]:
+                    matched[path] = by_key[key][1]
+                break
+    unmatched = [f"line {by_key[k][0]} ({_shown_key(k)!r})" for k in by_key if k not in used]
+    notes.append(f"captions: {len(matched)} of {len(image_paths)} images got a caption from "
+                 f"{csv_path} (the rest use their file-name text)")
+    if unmatched:
+        notes.append(f"captions: {len(unmatched)} rows match no image: "
+                     + ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""))
+    if duplicates:
+        notes.append(f"captions: {len(duplicates)} rows name an image again (the first row is "
+                     "used): " + ", ".join(duplicates[:5])
+                     + (" ..." if len(duplicates) > 5 else ""))
+    return matched, notes
+
+
+def _row_key(image: str) -> tuple[str | None, str]:
+    """(folder or None, base name) of a CSV row's ``image`` value."""
+    parts = [p for p in image.strip().replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        return None, ""
+    return (parts[-2] if len(parts) >= 2 and parts[-2] != ".." else None), parts[-1]
+
+
+def _shown_key(key: tuple[str | None, str]) -> str:
+    return key[1] if key[0] is None else f"{key[0]}/{key[1]}"
 
 
 def caption_csv_path(data_dir: str, split_folder_suffix: str) -> str:

@@ -98,15 +98,19 @@ def open_predictor(workdir: str | None, model: str | None, checkpoint: str = "be
     return Predictor(Workdir(workdir).load_model(checkpoint, calibrated=calibrated), batch_size)
 
 
-def text_rule(text: str | None = None, captions_csv: str = "", spec=None):
+def text_rule(text: str | None = None, captions_csv: str = "", spec=None, files=(),
+              notes: list | None = None):
     """How a file gets its text: one text for all, its caption, or its file name.
 
     Args:
       text: the text of every file (wins over the rest).
-      captions_csv: a captions CSV (``image,description``), joined on (folder, base name); a
-        file without a caption gets its file-name text.
+      captions_csv: a captions CSV (``image,description``), joined to ``files`` by
+        ``captions.match_captions``' rule; a file without a caption gets its file-name text.
       spec: the model's ``ModelSpec``: its file-name rule, and the text source it was
         trained on ("both" puts the file-name text first); None = the dataset's rule.
+      files: the files that will be predicted (needed with ``captions_csv``).
+      notes: when given, the join's report lines are appended (images matched, rows that
+        match no image, repeated rows).
 
     Returns:
       A function from a path to its text.
@@ -122,12 +126,20 @@ def text_rule(text: str | None = None, captions_csv: str = "", spec=None):
     if not os.path.isfile(captions_csv):
         raise ConfigError(f"--captions {captions_csv}: no such file")
     try:
-        table = captions.load_captions(captions_csv)
+        table, found = captions.match_captions(captions_csv, list(files))
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"--captions {captions_csv}: {str(e).splitlines()[0]}") from None
-    source = spec.preprocessing.text_source if spec else "caption"
-    source = source if source in ("caption", "both") else "caption"
-    return lambda path: captions.sample_text(path, source, table, from_name)[0]
+    if notes is not None:
+        notes.extend(found)
+    both = spec is not None and spec.preprocessing.text_source == "both"
+
+    def text_of(path: str) -> str:
+        caption, name_text = table.get(path), from_name(path)
+        if caption is None:
+            return name_text
+        return f"{name_text}. {caption}" if both and name_text else caption
+
+    return text_of
 
 
 def predict_files(predictor, files: list[str], text=None) -> tuple[list[dict], list[str]]:
