@@ -7,6 +7,7 @@ Uses the tiny demo run trained once per pytest run (conftest's ``trained_run``).
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -286,3 +287,43 @@ def test_missing_dataset_is_an_error_and_nothing_is_prepared(trained_run, tmp_pa
     with pytest.raises(WorkdirError, match="no prepared dataset at .*elsewhere.*jaxmm.prepare"):
         eval_report.evaluate_run(str(work), "test")
     assert not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_data_prepared_again_is_checked_against_the_run_record(trained_run, tmp_path):
+    """Evaluating an old run after its data was prepared again: other options are refused with
+    what changed; other files with the same options are evaluated, and the notes say so."""
+    from jaxmm import files, paths
+    from jaxmm.data import prepared
+    from jaxmm.errors import WorkdirError
+    from jaxmm.evaluation.report import dataset_dir
+    from jaxmm.trained.workdir import Workdir
+
+    run = tmp_path / "run"
+    shutil.copy2(os.path.join(trained_run, paths.CONFIG_FILE), tmp_path / "config.json")
+    run.mkdir()
+    record = json.load(open(tmp_path / "config.json"))
+    out_dir = tmp_path / "prepared"
+    shutil.copytree(prepared.prepared_dir(Workdir(trained_run).config()), out_dir)
+    record["config"]["prepared_dir"] = str(out_dir)
+    files.write_json(str(run / paths.CONFIG_FILE), record)
+    wd = Workdir(str(run))
+    notes = []
+    assert dataset_dir(wd, "test", notes) and notes == []  # as recorded
+
+    meta_path = os.path.join(paths.dataset_path(str(out_dir)), paths.META_FILE)
+    meta = json.load(open(meta_path))
+    n = meta["num_examples"]["test"]
+    meta["num_examples"]["test"] += 3
+    files.write_json(meta_path, meta)
+    dataset_dir(wd, "validation", notes)
+    assert notes == []  # the validation split did not change
+    dataset_dir(wd, "test", notes)
+    assert len(notes) == 1 and f"num_examples.test: {n} -> {n + 3}" in notes[0], notes
+
+    meta["options"]["stored_image_size"] = 64
+    meta["options"].pop("exif_transpose")
+    files.write_json(meta_path, meta)
+    with pytest.raises(WorkdirError, match=r"prepared with other options than the run was "
+                       r"trained on \(options.exif_transpose: True -> None; "
+                       r"options.stored_image_size: 40 -> 64\)"):
+        dataset_dir(wd, "test", [])

@@ -20,7 +20,7 @@ from jaxmm.errors import ConfigError, WorkdirError
 from jaxmm.evaluation import calibration, explain, scoring
 from jaxmm.experiments import tracking
 from jaxmm.trained.model import TrainedModel
-from jaxmm.trained.workdir import Workdir
+from jaxmm.trained.workdir import Workdir, data_changes
 from jaxmm.training import parallel, train_log
 
 _ERROR_COLUMNS = ["file", "text", "true", "predicted", "confidence"]
@@ -197,23 +197,52 @@ ABLATION = (("image", "text"), ("image",), ("text",))
 WITHOUT_COPIES_KEY = "without_train_copies"  # metrics.json entry of exclude_test_duplicates
 
 
-def dataset_dir(wd: Workdir) -> str:
-    """The run's prepared dataset, checked against the run's classes; never prepared here.
+def dataset_dir(wd: Workdir, split: str | None = None, notes: list | None = None) -> str:
+    """The run's prepared dataset, checked against the run record; never prepared here.
+
+    The classes and prepare's options (stored size, format, EXIF orientation, text source)
+    must be the run's: other options would feed the model other pixels or texts than it was
+    trained on. Other raw files with the same options (a split with more images) are
+    evaluated, and ``notes`` says what changed.
+
+    Args:
+      wd: the run.
+      split: the split to be evaluated (its counts are compared), or None.
+      notes: when given, gets one line per difference of the data that is allowed.
 
     Raises:
-      WorkdirError: no prepared dataset where the run's config points, or other classes.
+      WorkdirError: no prepared dataset where the run's config points, other classes, or
+        data prepared with other options.
     """
     path = prepared.existing_dataset(wd.config())
-    found = list(prepared.dataset_meta(path)["class_names"])
-    trained_on = list(wd.read_record()["class_names"])
+    meta = prepared.dataset_meta(path)
+    found = list(meta["class_names"])
+    record = wd.read_record()
+    trained_on = list(record["class_names"])
     if found != trained_on:
         raise WorkdirError(f"{path} has classes {found}, the run was trained on {trained_on}")
+    saved = record.get("data")
+    if saved is None:
+        return path  # a run from before data records: nothing more to compare
+    changes = data_changes(saved, prepared.data_record(path, meta))
+    options = [c for c in changes if c.startswith("options.")]
+    if options:
+        raise WorkdirError(f"{path} was prepared with other options than the run was trained "
+                           f"on ({'; '.join(options)}): evaluating it would feed the model "
+                           "other inputs; prepare the data again with the run's options "
+                           f"(recorded in {wd.file(paths.CONFIG_FILE)})")
+    mine = [c for c in changes if split is None or c.startswith(("fingerprint", "the raw"))
+            or f".{split}" in c.split(":")[0]]
+    if mine and notes is not None:
+        notes.append(f"the prepared data changed since the run was trained ({'; '.join(mine)})"
+                     f": the {split or 'data'} evaluated is not the one of its record")
     return path
 
 
-def open_split(wd: Workdir, trained: TrainedModel, split: str) -> scoring.SplitEvaluator:
+def open_split(wd: Workdir, trained: TrainedModel, split: str,
+               notes: list | None = None) -> scoring.SplitEvaluator:
     """The evaluator of one split of a run's prepared dataset (never prepared here)."""
-    path = dataset_dir(wd)
+    path = dataset_dir(wd, split, notes)
     sources = pipeline.load_splits(path, (split,))  # only this split's files
     if split not in sources:
         raise ConfigError(f"{path} has no {split!r} split")
@@ -266,7 +295,7 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
         applied = "applied" if record["applied"] else f"not applied: {record['reason']}"
         notes.append(f"calibration: temperature {record['temperature']:.3f} fitted on "
                      f"validation ({applied}), written to {paths.CALIBRATION_FILE}")
-    evaluator = open_split(wd, trained, split)
+    evaluator = open_split(wd, trained, split, notes)
     mods = scoring.selected_modalities(trained.modalities, modalities)
     metrics, predictions = evaluator(variables, mods, collect=True)
     metrics.update(split=split, checkpoint=str(checkpoint), checkpoint_step=trained.step,
