@@ -145,7 +145,11 @@ def test_only_the_owner_process_takes_the_lock(tmp_path):
         assert not os.path.exists(tmp_path / paths.LOCK_FILE)
 
 
-def test_an_unreadable_lock_blocks_with_the_file_named(tmp_path):
-    (tmp_path / paths.LOCK_FILE).write_text("{half")
+@pytest.mark.parametrize("content", [
+    "{half", '{"host": "h", "pid": "abc"}', '{"host": "h", "pid": true}',
+    '{"host": "h", "pid": -5}', '{"host": "h", "pid": 1.5}', '{"host": 3, "pid": 7}',
+    '{"host": "h", "pid": 7, "restart": "x"}', "[1, 2]"])
+def test_an_unreadable_or_damaged_lock_blocks_with_the_file_named(tmp_path, content):
+    (tmp_path / paths.LOCK_FILE).write_text(content)
     with pytest.raises(lock.WorkdirLockedError, match="cannot be read; delete it"):
         lock.WorkdirLock(str(tmp_path)).acquire()

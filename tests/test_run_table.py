@@ -108,7 +108,8 @@ def test_status_best_epoch_and_test_metrics(runs):
     assert rows["c"]["test_macro_f1"] is None
     f = rows["f"]
     assert f["val_macro_f1"] == .9
-    assert f["notes"] == ["no readable config.json", "1 unreadable line(s) in metrics.jsonl"]
+    assert f["notes"] == ["no readable config.json",
+                          "1 unreadable or damaged line(s) in metrics.jsonl, skipped"]
 
 
 def test_a_run_that_resumed_after_its_summary_is_running(runs):
@@ -175,3 +176,18 @@ def test_compare_without_runs_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 1
     assert res.stderr.strip().startswith("jaxmm.compare: error: no runs found in")
+
+
+def test_damaged_rows_and_summary_are_skipped_and_named(tmp_path):
+    """A step written as a string, a boolean epoch and a numeric status: one note each, and the
+    rest of the run still compares (sorting by step would otherwise raise)."""
+    r = _run(tmp_path / "x", config=_config(), val=[(1, .5, 1.0), (2, .6, .9)], summary=3,
+             extra_lines=['{"step": "30", "kind": "val", "epoch": 3, "macro_f1": 0.9}',
+                          '{"step": 40, "kind": "val", "epoch": true, "macro_f1": 0.9}',
+                          '{"step": 50, "kind": 7}'])
+    rows, _ = _rows([r])
+    row = rows["x"]
+    assert row["val_macro_f1"] == .6 and row["epochs"] == 2
+    assert "3 unreadable or damaged line(s) in metrics.jsonl, skipped" in row["notes"]
+    assert "train_summary.json is damaged (status 3), ignored" in row["notes"]
+    assert row["status"] in ("running", "failed")  # from the files' age, not the summary

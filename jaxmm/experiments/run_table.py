@@ -163,7 +163,7 @@ def read_run(run: dict, stale_s: float = DEFAULT_STALE_MINUTES * 60, now=None) -
     workdir, notes = run["workdir"], []
     wd = Workdir(workdir)
     record = wd.stored_record()
-    summary = wd.summary()
+    summary = wd.summary(notes)
     config = record.get("config") if isinstance(record, dict) else None
     if os.path.isdir(workdir) and config is None:
         notes.append(f"no readable {paths.CONFIG_FILE}")

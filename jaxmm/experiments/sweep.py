@@ -220,6 +220,13 @@ def check_shared_data(configs: list) -> None:
 def plan_runs(config_file: str, sweep_file: str, common_args=()) -> list[RunSpec]:
     """Validates every entry of a sweep file; the first bad one raises a one-line ConfigError."""
     entries = load_sweep(sweep_file)
+    seen = {}
+    for i, entry in enumerate(entries):
+        key = json.dumps(entry, sort_keys=True)
+        if key in seen:
+            raise ConfigError(f"sweep entries {seen[key]} and {i} are the same ({entry}): "
+                             "each run would train the same model twice")
+        seen[key] = i
     width = len(str(len(entries) - 1))
     checked = [_validated(config_file, list(common_args), i, e, width)
                for i, e in enumerate(entries)]

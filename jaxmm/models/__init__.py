@@ -53,14 +53,8 @@ def build_model(model_config, num_classes: int, vocab_size: int,
       A ``MultimodalClassifier``; call it as
       ``model.apply(variables, image, input_ids, attention_mask, train=..., modality_mask=...)``.
     """
+    check_model_config(model_config)
     modalities = tuple(model_config.modalities)
-    if not modalities or set(modalities) - set(MODALITIES) or len(set(modalities)) != len(
-            modalities):
-        raise ConfigError(f"config.model.modalities must be a non-empty subset of {MODALITIES}, "
-                          f"got {modalities!r}")
-    if "image" in modalities and model_config.image_arch not in ARCHS:
-        raise ConfigError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
-                          f"got {model_config.image_arch!r}")
     batchnorm_group_size(batchnorm_sync)  # a bad value fails here, not inside a pmapped step
     text_config = distilbert_config(model_config, vocab_size) if "text" in modalities else None
     return MultimodalClassifier(
@@ -72,6 +66,18 @@ def build_model(model_config, num_classes: int, vocab_size: int,
         freeze_image=bool(model_config.freeze_image), axis_name=axis_name,
         dtype=compute_dtype(model_config.dtype), batchnorm_sync=batchnorm_sync,
     )
+
+
+def check_model_config(model_config) -> None:
+    """One-line ConfigErrors for the towers and the image architecture of ``config.model``."""
+    modalities = tuple(model_config.modalities)
+    if not modalities or set(modalities) - set(MODALITIES) or len(set(modalities)) != len(
+            modalities):
+        raise ConfigError(f"config.model.modalities must be a non-empty subset of {MODALITIES}, "
+                          f"got {modalities!r}")
+    if "image" in modalities and model_config.image_arch not in ARCHS:
+        raise ConfigError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
+                          f"got {model_config.image_arch!r}")
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int,

@@ -185,7 +185,8 @@ class Workdir:
 
     # --- metrics and summary ---------------------------------------------------------------------
     def metric_rows(self, notes: list | None = None) -> list[dict]:
-        """Rows of metrics.jsonl; unreadable lines (e.g. one being written) are skipped and
+        """Rows of metrics.jsonl; unreadable lines (e.g. one being written) and damaged rows (a
+        kind that is not a name, a step or epoch that is not a whole number) are skipped and
         counted in ``notes``."""
         try:
             with open(self.file(paths.METRICS_FILE), encoding="utf-8") as f:
@@ -198,10 +199,12 @@ class Workdir:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and "kind" in row:
+            if isinstance(row, dict) and isinstance(row.get("kind"), str) and all(
+                    _whole(row[k]) for k in ("step", "epoch") if k in row):
                 rows.append(row)
         if len(rows) < len(lines) and notes is not None:
-            notes.append(f"{len(lines) - len(rows)} unreadable line(s) in {paths.METRICS_FILE}")
+            notes.append(f"{len(lines) - len(rows)} unreadable or damaged line(s) in "
+                         f"{paths.METRICS_FILE}, skipped")
         return rows
 
     def append_metrics(self, row: dict) -> None:
@@ -209,9 +212,19 @@ class Workdir:
         with open(self.file(paths.METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=files.jsonable) + "\n")
 
-    def summary(self) -> dict | None:
-        """The closing summary of the run (None while it runs or when unreadable)."""
-        return files.read_json(self.file(paths.SUMMARY_FILE))
+    def summary(self, notes: list | None = None) -> dict | None:
+        """The closing summary of the run (None while it runs, or when unreadable or damaged:
+        not an object, or a status that is not a name; ``notes`` then says so)."""
+        summary = files.read_json(self.file(paths.SUMMARY_FILE))
+        if summary is None:
+            return None
+        if not isinstance(summary, dict) or not isinstance(summary.get("status", ""), str):
+            if notes is not None:
+                notes.append(f"{paths.SUMMARY_FILE} is damaged (status "
+                             f"{summary.get('status') if isinstance(summary, dict) else summary!r}"
+                             "), ignored")
+            return None
+        return summary
 
     def write_summary(self, summary: dict) -> str:
         return files.write_json(self.file(paths.SUMMARY_FILE), summary)
@@ -294,6 +307,10 @@ def _flatten(prefix: str, value) -> dict:
             out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
         return out
     return {prefix: value}
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def data_changes(saved: dict, current: dict) -> list[str]:

@@ -121,15 +121,26 @@ def stale_reason(holder: Holder, me: Holder) -> str | None:
     return None
 
 
+# The type of every field of a lock file (a pid that is not a number is a damaged file).
+_FIELD_TYPES = {"host": str, "pid": int, "pid_start": (str, type(None)),
+                "job_id": (str, type(None)), "restart": int, "since": str, "token": str}
+
+
 def read_holder(path: str) -> Holder | None:
-    """The holder recorded in a lock file; None when the file is missing or unreadable."""
+    """The holder recorded in a lock file; None when the file is missing, unreadable or
+    damaged (a field of the wrong type, a pid that is not a positive number)."""
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        return Holder(**{k.name: record[k.name] for k in dataclasses.fields(Holder)
-                         if k.name in record})
+        holder = Holder(**{k.name: record[k.name] for k in dataclasses.fields(Holder)
+                           if k.name in record})
     except (OSError, ValueError, TypeError):
         return None
+    for name, kind in _FIELD_TYPES.items():
+        value = getattr(holder, name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return None
+    return holder if holder.pid > 0 else None
 
 
 class WorkdirLock:

@@ -75,6 +75,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"{', '.join(steps.RNG_SCHEMES)}")
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
+    models.check_model_config(config.model)
+    if config.get("init_from"):
+        source, _ = warm_start.parse_spec(config.init_from)
+        if not os.path.isfile(os.path.join(source, paths.CONFIG_FILE)):
+            raise ConfigError(f"config.init_from={config.init_from!r}: {source} is not a "
+                              f"training workdir (no {paths.CONFIG_FILE})")
     if config.get("calibration", "trusted") not in calibration.POLICIES:
         raise ConfigError(f"config.calibration={config.calibration!r}: choose one of "
                           f"{', '.join(calibration.POLICIES)}")
