@@ -9,6 +9,7 @@ failure) and keeps its traceback.
 """
 
 import contextlib
+import logging as std_logging
 import os
 import sys
 
@@ -27,15 +28,48 @@ def _one_line(prog: str, error: BaseException) -> str:
     return f"{prog}: error: {text}"
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+
+
 def _parse_flags(argv):
-    """absl flag parsing that reports a bad flag or config key on one line."""
+    """absl flag parsing that reports a bad flag or config key on one line, and ``--help``
+    that lists the command's own flags and exits 0."""
     prog = os.path.basename(argv[0]) if argv else "jaxmm"
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(help_text())
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections reports a mistyped --config.key as an AttributeError ("Did you mean").
-        print(_one_line(prog, e), file=sys.stderr)
+        print(_one_line(prog, _config_key_error(e)), file=sys.stderr)
         sys.exit(2)
+
+
+def _config_key_error(error: BaseException) -> BaseException | str:
+    """ml_collections reports a mistyped ``--config.key`` as a KeyError or AttributeError
+    whose text is the repr of "'key'\\nDid you mean ...": say it in words."""
+    if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+        error = error.args[0]  # ml_collections wraps the KeyError
+    if isinstance(error, (KeyError, AttributeError)) and error.args and isinstance(
+            error.args[0], str) and "Did you mean" in error.args[0]:
+        key, _, hint = error.args[0].partition("\n")
+        return f"unknown config key {key} ({hint.strip()})"
+    if isinstance(error, KeyError) and error.args:
+        return f"unknown config key {error.args[0]!r}"
+    return error
+
+
+def help_text() -> str:
+    """The running command's description (its module docstring) and its own flags."""
+    main = sys.modules.get("__main__")
+    doc = (getattr(main, "__doc__", None) or "").strip()
+    by_module = flags.FLAGS.flags_by_module_dict()
+    # absl files the flags of ``python -m`` under the script's path, else the module name.
+    main_file = os.path.abspath(getattr(main, "__file__", None) or "-")
+    own = [m for m in by_module if m.split(".")[0] == "jaxmm"
+           or os.path.abspath(m) == main_file]
+    listed = "\n".join(flags.FLAGS.module_help(m) for m in own)
+    return f"{doc}\n\nflags:\n{listed}\n\n(--helpfull lists every flag, the libraries' too)"
 
 
 def run(main, prog: str) -> None:
@@ -79,11 +113,12 @@ def user_errors(prog: str):
 
 
 class _OwnInfoOnly:
-    """Keeps INFO lines of jaxmm itself; libraries (orbax, grain) only speak up for warnings."""
+    """Keeps INFO lines of jaxmm itself (its ``jaxmm`` logger); libraries (orbax and grain log
+    through absl's logger) only speak up for warnings, wherever they are installed."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.converter.STANDARD_WARNING or (
-            f"{os.sep}jaxmm{os.sep}" in record.pathname)
+        return record.levelno >= std_logging.WARNING or record.name == "jaxmm" or (
+            record.name.startswith("jaxmm."))
 
 
 def define_distributed_flags() -> None:
@@ -110,5 +145,7 @@ def setup_logging() -> None:
     """INFO logs on process 0, warnings only elsewhere (call after distributed init)."""
     import jax
 
+    level = std_logging.INFO if jax.process_index() == 0 else std_logging.WARNING
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    std_logging.getLogger("jaxmm").setLevel(level)

@@ -19,17 +19,18 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import queue
 import threading
 import time
 
-from absl import logging
-
 from jaxmm import files, paths
 from jaxmm.errors import ConfigError
 from jaxmm.experiments import sweep
 from jaxmm.trained.workdir import Workdir
+
+log = logging.getLogger("jaxmm")
 
 BACKENDS = ("", "mlflow", "wandb")
 # Packages each backend needs (the `tracking` extra, requirements-tracking.txt).
@@ -202,7 +203,7 @@ class Tracker:
         except queue.Full:
             pass
         if self._thread.is_alive():
-            logging.warning("tracking (%s) still busy after %.0f s; not waiting for it",
+            log.warning("tracking (%s) still busy after %.0f s; not waiting for it",
                             self._backend.where, timeout)
 
     def _at_exit(self) -> None:
@@ -219,7 +220,7 @@ class Tracker:
         except queue.Full:
             if not self._full:
                 self._full = True
-                logging.warning("tracking (%s) falls behind: dropping rows; metrics.jsonl keeps "
+                log.warning("tracking (%s) falls behind: dropping rows; metrics.jsonl keeps "
                                 "every row", self._backend.where)
 
     def _work(self) -> None:
@@ -256,7 +257,7 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._failed = True
             message = " ".join(str(e).split())[:300]
-            logging.warning("tracking (%s) failed and is off for this run; training goes on and "
+            log.warning("tracking (%s) failed and is off for this run; training goes on and "
                             "metrics.jsonl keeps every row: %s: %s", self._backend.where,
                             type(e).__name__, message)
 

@@ -7,18 +7,20 @@ this reads.
 """
 
 import json
+import logging
 import os
 import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from jaxmm import paths
 from jaxmm.errors import UserError, WorkdirError
 from jaxmm.trained import digests
+
+log = logging.getLogger("jaxmm")
 
 _DIGEST = "digest"
 _TRAIN_ITEMS = ("state", "data_iter", "progress", _DIGEST)
@@ -70,7 +72,7 @@ def _broken_file(step_dir: epath.Path) -> tuple[str | None, str | None]:
 def _verify(step_dir: epath.Path, step: int, tree: dict, recorded: dict | None) -> None:
     """Compares the restored arrays with the digest recorded when the step was saved."""
     if recorded is None:
-        logging.warning("checkpoint step %d (%s) has no recorded digest (saved by an older "
+        log.warning("checkpoint step %d (%s) has no recorded digest (saved by an older "
                         "version); its content is not verified", step, step_dir)
         return
     changed = digests.mismatches(tree, recorded)

@@ -17,11 +17,11 @@ Every process calls every method here, as orbax requires; only process 0 moves f
 """
 
 import json
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
 from jaxmm import paths
@@ -39,6 +39,8 @@ from jaxmm.trained.restoring import (  # noqa: F401 (the readers are part of thi
     available,
     restore_model,
 )
+
+log = logging.getLogger("jaxmm")
 
 
 class DataPositionError(UserError, ValueError):
@@ -186,10 +188,10 @@ class Checkpoints:
             except CheckpointError as e:
                 errors.append(str(e))
                 if step is None and candidate != kept[0]:
-                    logging.warning("%s; falling back to the previous kept step", e)
+                    log.warning("%s; falling back to the previous kept step", e)
                 continue
             for path in self._set_aside_after(candidate):
-                logging.warning("set aside %s (later than the restored step %d)", path,
+                log.warning("set aside %s (later than the restored step %d)", path,
                                 candidate)
             return out
         start_over = f"move {self.root / paths.CHECKPOINTS_DIR} away to start over"

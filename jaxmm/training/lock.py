@@ -15,16 +15,17 @@ temporary file), so a reader never sees half a lock.
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import uuid
 
-from absl import logging
-
 from jaxmm import paths
 from jaxmm.errors import UserError
+
+log = logging.getLogger("jaxmm")
 
 # Slurm job states in which the job's processes may still be running.
 _LIVE_STATES = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING",
@@ -183,7 +184,7 @@ class WorkdirLock:
                 raise WorkdirLockedError(
                     f"{self.workdir} is in use by another training run ({holder.describe()}); "
                     f"wait for it to end or cancel it; if it is gone, delete {self.path}")
-            logging.warning("taking over the lock of %s: the run that held it is gone (%s; %s)",
+            log.warning("taking over the lock of %s: the run that held it is gone (%s; %s)",
                             self.workdir, holder.describe(), reason)
             self._remove_if(holder.token)
         raise WorkdirLockedError(f"{self.workdir}: could not take {self.path}; other runs "

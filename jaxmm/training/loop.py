@@ -10,6 +10,7 @@ steps since the last save and repeats them exactly. One run at a time holds the 
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import time
@@ -18,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from jaxmm.data import pipeline, prepared
 from jaxmm.errors import DivergedError
@@ -29,6 +29,8 @@ from jaxmm.trained.workdir import Workdir, model_architecture
 from jaxmm.training import checkpointing, lock, optim, parallel, steps, train_log
 from jaxmm.training import setup as setup_lib
 from jaxmm.training.progress import RunProgress, Status
+
+log = logging.getLogger("jaxmm")
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -94,7 +96,7 @@ def _warn_config_changes(saved: dict, config) -> None:
     changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in _RESUME_SENSITIVE
                if k in saved and saved.get(k) != config.get(k)]
     if changed:
-        logging.warning("resuming with a changed config (%s); the run will not repeat an "
+        log.warning("resuming with a changed config (%s); the run will not repeat an "
                         "uninterrupted one exactly", "; ".join(changed))
 
 
@@ -107,13 +109,13 @@ def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.Train
     resume_step = config.resume_step if config.resume_step >= 0 else None
     if ckpts.latest_step() is None and resume_step is None:
         for path in ckpts.start_fresh():
-            logging.warning("fresh start: set aside %s, left by an earlier run", path)
-        variables = setup_lib.init_variables(config, setup.model, log=logging.info,
+            log.warning("fresh start: set aside %s, left by an earlier run", path)
+        variables = setup_lib.init_variables(config, setup.model, log=log.info,
                                             class_names=setup.data.class_names)
         return (setup_lib.replicated_state(setup.model, setup.tx, variables, ema=ema),
                 RunProgress(config=config.to_dict()))
     if config.get("init_from"):
-        logging.info("the workdir has a checkpoint: resuming it (init_from applies to a fresh "
+        log.info("the workdir has a checkpoint: resuming it (init_from applies to a fresh "
                      "start only)")
     template = setup_lib.host_state_template(config, setup.model, setup.tx)
     host, saved = ckpts.restore(template, train_iter, resume_step)
@@ -122,10 +124,10 @@ def _initial_state(config, setup: Setup, ckpts, train_iter) -> tuple[steps.Train
     if progress.status == Status.PREEMPTED:  # Saved on a stop signal: carry on training.
         progress.status = Status.RUNNING
     if progress.status == Status.FINISHED and step < setup.total_steps:
-        logging.info("continuing a finished run: num_epochs is now %d, %d more epochs to train",
+        log.info("continuing a finished run: num_epochs is now %d, %d more epochs to train",
                      config.num_epochs, (setup.total_steps - step) // setup.steps_per_epoch)
         progress.status = Status.RUNNING
-    logging.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
+    log.info("Resumed from step %d (epoch %d)", step, step // setup.steps_per_epoch)
     _warn_config_changes(progress.config, config)
     progress.config = config.to_dict()
     state = setup_lib.replicated_state(setup.model, setup.tx, host, step, host["opt_state"],
@@ -183,7 +185,7 @@ class _Run:
         if self.compile_s is None:
             jax.block_until_ready(m)
             self.compile_s = time.perf_counter() - t0
-            logging.info("first step (compile + run): %.1f s", self.compile_s)
+            log.info("first step (compile + run): %.1f s", self.compile_s)
 
     def add_metrics(self, m):
         m = parallel.first(m)
@@ -242,7 +244,7 @@ class _Run:
         if improved:
             self.ckpts.save_best(self.step, parallel.replicated_view(variables), p.to_json())
         self.writer.write(self.step, "val", {**_scalars(val), "epoch": self.epoch})
-        logging.info("epoch %d: val loss %.4f accuracy %.4f macro-F1 %.4f%s", self.epoch,
+        log.info("epoch %d: val loss %.4f accuracy %.4f macro-F1 %.4f%s", self.epoch,
                      val["loss"], val["accuracy"], val["macro_f1"], " (best)" if improved else "")
         return c.patience > 0 and p.bad_epochs >= c.patience
 
@@ -334,7 +336,7 @@ def _train(config, workdir: str, signals: StopSignals) -> dict:
             bar = None
         if stop:
             p.status = Status.PREEMPTED
-            logging.warning("%s received: saving step %d and exiting", signals.received, run.step)
+            log.warning("%s received: saving step %d and exiting", signals.received, run.step)
         elif epoch_end:
             if run.evaluate_epoch():
                 p.status = Status.EARLY_STOPPED
@@ -364,7 +366,7 @@ def _fit_calibration(run: "_Run") -> None:
                                       run.config.get("calibration", "trusted"))
     if train_log.is_writer():
         run.workdir.write_calibration(record)
-    logging.info("calibration: temperature %.3f (%s: %s); validation NLL %.4f -> %.4f, "
+    log.info("calibration: temperature %.3f (%s: %s); validation NLL %.4f -> %.4f, "
                  "ECE %.4f -> %.4f", record["temperature"],
                  "applied" if record["applied"] else "not applied", record["reason"],
                  record["before"]["nll"], record["after"]["nll"], record["before"]["ece"],

@@ -5,6 +5,7 @@ Keeping this in one module means a later move to ``jit`` + ``NamedSharding`` sta
 """
 
 import collections
+import logging
 import os
 import queue as queue_lib
 import threading
@@ -12,9 +13,10 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-from absl import logging
 
 from jaxmm.errors import ConfigError
+
+log = logging.getLogger("jaxmm")
 
 # The one axis name used by pmap, BatchNorm and every collective.
 AXIS_NAME = "batch"
@@ -56,7 +58,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def _has_gpu_env() -> bool:

@@ -3,6 +3,7 @@ versions and devices, a learning-curve PNG, a progress bar and the closing summa
 here is a no-op on processes other than 0."""
 
 import datetime
+import logging
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
 from jaxmm import paths, versions
+
+logger = logging.getLogger("jaxmm")
 
 
 def is_writer() -> bool:
@@ -133,7 +135,7 @@ class ProgressBar:
             return
         self._epoch, self._total, self._done, self._first = epoch, total, initial, initial
         self._every, self._postfix = log_every_seconds, {}
-        self._log = log or logging.info
+        self._log = log or logger.info
         self._start = self._last = time.monotonic()
         self._logged_at = initial
 
