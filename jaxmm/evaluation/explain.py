@@ -294,11 +294,14 @@ def _bars(ax, ex: Explanation, class_names) -> None:
 def render(ex: Explanation, class_names, path: str) -> str:
     """One example's figure: photo + Grad-CAM, shaded tokens, probabilities per tower set."""
     _check_names(ex, class_names)
-    fig = Figure(figsize=(10.5, 3.6), layout="constrained")
+    # Tall enough for the file name, two title lines and the square image: constrained layout
+    # cannot shrink an equal-aspect image below its width, so a lower figure clips the title.
+    fig = Figure(figsize=(10.5, 4.3), layout="constrained")
     left, middle, right = fig.subplots(1, 3, width_ratios=(1, 1.2, 1))
-    title = _title(ex, class_names)
-    name = textwrap.shorten(os.path.basename(ex.name), 40)
-    _overlay(left, ex, f"{name}\n{title}" if name else title)
+    name = os.path.basename(ex.name)
+    if name:
+        fig.suptitle(textwrap.shorten(name, 90, placeholder=" ..."), fontsize="medium")
+    _overlay(left, ex, _title(ex, class_names))
     _tokens(middle, fig, ex)
     _bars(right, ex, class_names)
     FigureCanvasAgg(fig)
@@ -312,17 +315,19 @@ def render_gallery(explanations: list[Explanation], class_names, path: str,
     for ex in explanations:
         _check_names(ex, class_names)
     rows = max(1, -(-len(explanations) // columns))
-    fig = Figure(figsize=(3 * columns, 3.4 * rows), layout="constrained")
+    # Each panel's words go in its title, above its own image: a caption below an image would
+    # sit right above the next row's titles and read as theirs.
+    fig = Figure(figsize=(3.2 * columns, 4.0 * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
     for ax in axes[len(explanations):]:
         ax.axis("off")
     for ax, ex in zip(axes, explanations, strict=False):
-        _overlay(ax, ex, _title(ex, class_names))
         words = ex.text
         if ex.attributions is not None and len(ex.tokens):
             words = " ".join(f"«{t}»" if i == int(np.argmax(ex.attributions)) else t
                              for i, t in enumerate(ex.tokens))
-        ax.set_xlabel(textwrap.shorten(words, 60), fontsize="x-small")
+        words = textwrap.shorten(words, 40, placeholder=" ...")
+        _overlay(ax, ex, f"{words}\n{_title(ex, class_names)}")
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=80)
     return path
