@@ -61,6 +61,17 @@ def bundle_dir(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def explain_bundle_dir(trained_run, tmp_path_factory):
+    """The shared run exported with its temperature and the explanation functions (``export
+    --explain``), as the server uses it."""
+    from jaxmm.trained import bundle
+
+    out = str(tmp_path_factory.mktemp("explain_bundle") / "garbage")
+    bundle.export_run(trained_run, out, "best", explain=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def test_split(trained_run):
     """The test split of the shared run as jaxmm's evaluation sees it: each example's raw file,
     text and raw (uncalibrated) probabilities of the best checkpoint."""

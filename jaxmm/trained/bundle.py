@@ -34,7 +34,7 @@ PLATFORMS = ("cpu", "cuda")
 ARGUMENTS = ("variables", "image", "input_ids", "attention_mask")
 # The files of a bundle that jaxmm writes; a re-export replaces these and nothing else.
 OWN_FILES = (paths.BUNDLE_SPEC_FILE, paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
-             paths.TOKENIZER_DIR, paths.MODEL_CARD_FILE)
+             paths.TOKENIZER_DIR, paths.MODEL_CARD_FILE, paths.BUNDLE_EXPLAIN_DIR)
 
 
 def _reason(error: BaseException) -> str:
@@ -71,12 +71,13 @@ def json_digest(obj) -> str:
 
 
 def content_files(bundle_dir: str) -> list[str]:
-    """The digested files of a bundle, relative and sorted (weights, function, tokenizer)."""
+    """The digested files of a bundle, relative and sorted (weights, function, tokenizer and
+    the explanation functions when there are any)."""
     out = [paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE]
-    tok = os.path.join(bundle_dir, paths.TOKENIZER_DIR)
-    for root, _, names in os.walk(tok):
-        out += [os.path.relpath(os.path.join(root, n), bundle_dir).replace(os.sep, "/")
-                for n in names]
+    for folder in (paths.TOKENIZER_DIR, paths.BUNDLE_EXPLAIN_DIR):
+        for root, _, names in os.walk(os.path.join(bundle_dir, folder)):
+            out += [os.path.relpath(os.path.join(root, n), bundle_dir).replace(os.sep, "/")
+                    for n in names]
     return sorted(out)
 
 
@@ -331,7 +332,7 @@ def _move_into(tmp: str, out_dir: str) -> None:
 
 
 def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
-                 platforms=PLATFORMS, workdir=None) -> dict:
+                 platforms=PLATFORMS, workdir=None, explain: bool = False) -> dict:
     """Writes a bundle folder (into a private folder first, then moved into place).
 
     Args:
@@ -340,6 +341,8 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
       source: provenance (checkpoint, step, the run's config and data record).
       platforms: platforms the function is lowered for.
       workdir: the run's ``Workdir``, for the model card (none without it).
+      explain: add the explanation functions (``bundle_explain``; Grad-CAM, integrated
+        gradients, per-tower probabilities), recorded under ``extensions.explain``.
 
     Returns:
       The model.json record.
@@ -358,6 +361,11 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
         trained.tokenizer.save_pretrained(os.path.join(tmp, paths.TOKENIZER_DIR))
         with open(os.path.join(tmp, paths.BUNDLE_FUNCTION_FILE), "wb") as f:
             f.write(export_function(trained.model, variables, pre, platforms))
+        extensions = {}
+        if explain:
+            from jaxmm.trained import bundle_explain
+
+            extensions["explain"] = bundle_explain.write(tmp, trained, variables, platforms)
         model = spec.to_json()
         digests = {name: file_digest(os.path.join(tmp, name)) for name in content_files(tmp)}
         digests["model"] = json_digest(model)
@@ -371,7 +379,7 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
                         "tensors": tensor_table(flat)},
             "tokenizer": _tokenizer_entry(trained.tokenizer, pre), "digests": digests,
             "versions": versions.package_versions(versions.BUNDLE), "source": source,
-            "extensions": {},
+            "extensions": extensions,
         }
         files.write_json(os.path.join(tmp, paths.BUNDLE_SPEC_FILE), record)
         if workdir is not None:
@@ -385,8 +393,9 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
 
 
 def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=PLATFORMS,
-               calibrated: bool = True) -> dict:
-    """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``).
+               calibrated: bool = True, explain: bool = False) -> dict:
+    """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``; ``explain``
+    adds the explanation functions).
 
     Needs only the workdir (its record, tokenizer copy, calibration and checkpoint).
 
@@ -400,4 +409,4 @@ def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=P
     record = wd.read_record()
     source = {"checkpoint": str(checkpoint), "step": int(trained.step),
               "config": record["config"], "data": record.get("data")}
-    return write_bundle(out_dir, trained, source, platforms, workdir=wd)
+    return write_bundle(out_dir, trained, source, platforms, workdir=wd, explain=explain)
