@@ -25,6 +25,19 @@ def _reason(error: BaseException) -> str:
     return text[:160]
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that a PNG, GIF or BMP header declares, read without Pillow (which
+    refuses a zero-sized image as "not an image"), or None for other data."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:2] == b"BM" and len(data) >= 26:
+        return (int.from_bytes(data[18:22], "little", signed=True),
+                abs(int.from_bytes(data[22:26], "little", signed=True)))
+    return None
+
+
 def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     """The decoded image of an upload.
 
@@ -39,6 +52,10 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise InputProblem(400, f"{what}: empty file (0 bytes)")
+    declared = header_size(data)
+    if declared is not None and min(declared) <= 0:
+        raise InputProblem(400, f"{what}: the image has zero pixels ({declared[0]}x"
+                                f"{declared[1]})")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
