@@ -304,12 +304,13 @@ def test_the_server_wrote_no_files(server, photos):
 
 
 def test_guards_token_and_rate_limit():
-    """The access token and the per-client rate limit (the real server exempts loopback
-    clients from the limit, so an in-process client stands for a remote one)."""
+    """The access token and the per-client rate limit, on an app called in-process from a
+    client address that is not loopback (the real server does not limit loopback clients)."""
+    import asyncio
+
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-    from starlette.testclient import TestClient
 
     from jaxmm.serving import guards
 
@@ -317,14 +318,23 @@ def test_guards_token_and_rate_limit():
         return JSONResponse({"ok": True})
 
     inner = Starlette(routes=[Route("/v1/predict", ok, methods=["POST"]), Route("/", ok)])
-    client = TestClient(guards.AccessToken(guards.RateLimit(inner, per_minute=3), "s3cret"))
-    assert client.post("/v1/predict").status_code == 401
-    assert client.get("/").status_code == 200  # the page stays open
+    app = guards.AccessToken(guards.RateLimit(inner, per_minute=3), "s3cret")
     auth = {"Authorization": "Bearer s3cret"}
-    assert [client.post("/v1/predict", headers=auth).status_code for _ in range(4)] == [
-        200, 200, 200, 429]
-    limited = client.post("/v1/predict", headers=auth)
-    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+
+    async def requests():
+        transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://jaxmm") as client:
+            out = [(await client.post("/v1/predict")).status_code,
+                   (await client.get("/")).status_code]  # the page stays open
+            for _ in range(5):
+                r = await client.post("/v1/predict", headers=auth)
+                out.append((r.status_code, r.headers.get("retry-after")))
+            return out
+
+    got = asyncio.run(requests())
+    assert got[:2] == [401, 200]
+    assert [s for s, _ in got[2:]] == [200, 200, 200, 429, 429]
+    assert int(got[-1][1]) >= 1
 
 
 def test_plain_bundle_sigterm_and_no_training_imports(bundle_dir, photos, tmp_path):
