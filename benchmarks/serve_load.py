@@ -10,12 +10,14 @@ In one run, on the same machine and bundle:
   server's CPUs;
 - the server, started with ``--max_batch``/``--max_wait_ms`` and pinned to its CPUs (half the
   machine, with ``taskset``), answering ``--requests`` requests (one photo each, multipart, as a
-  phone sends them) per concurrency level, from asyncio HTTP clients pinned to the other CPUs:
+  phone sends them) per concurrency level, from plain asyncio HTTP/1.1 clients (one kept-alive
+  connection each) pinned to the other CPUs:
   requests/s, p50/p95/p99 latency, errors, the mean device batch (from /metrics), the CPU
   seconds of server and client, and the server's resident memory before (after a warm-up
-  round) and after all levels. "× offline" compares requests/s with the offline photos/s;
-  "× offline (CPU)" compares the CPU time per photo (offline) with the server's CPU time per
-  request, which other processes sharing the machine do not distort.
+  round at the highest concurrency, so that every batch shape has run) and after all levels.
+  "× offline" compares requests/s with the offline photos/s; "× offline (CPU)" compares the
+  CPU time per photo (offline) with the server's CPU time per request, which other processes
+  sharing the machine do not distort.
 
 The load is bounded: a fixed number of requests per level, a timeout per request.
 """
@@ -98,13 +100,21 @@ def _server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return r.read().decode()
+
+
 def _batches(metrics: str) -> tuple[float, float]:
     total = float(re.search(r"^jaxmm_batch_size_sum (\S+)$", metrics, re.M).group(1))
     count = float(re.search(r"^jaxmm_batch_size_count (\S+)$", metrics, re.M).group(1))
     return total, count
 
 
-def _body(path: str, text: str) -> tuple[bytes, str]:
+def _request(path: str, text: str) -> bytes:
+    """The whole HTTP request of one photo (multipart, as a phone's browser sends it)."""
     boundary = "jaxmmbenchmark"
     with open(path, "rb") as f:
         data = f.read()
@@ -113,32 +123,50 @@ def _body(path: str, text: str) -> tuple[bytes, str]:
             f"\r\n\r\n").encode() + data + (
         f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n{text}\r\n'
         f"--{boundary}--\r\n").encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
 
 
-async def level(url: str, bodies: list, concurrency: int, requests: int, timeout: float) -> dict:
-    """``requests`` POSTs from ``concurrency`` clients; latencies and errors."""
-    import httpx
+async def _exchange(reader, writer, request: bytes) -> int:
+    """Sends one request on a kept-alive connection; the status of its answer."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    body = await reader.readexactly(length)
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        raise RuntimeError(f"{status}: {body[:100]!r}")
+    return status
 
+
+async def level(url: str, requests_: list, concurrency: int, requests: int,
+                timeout: float) -> dict:
+    """``requests`` POSTs from ``concurrency`` clients, each on its own kept-alive connection
+    (a plain asyncio client: a heavier one would be the bottleneck on a small machine)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
     latencies, errors, next_index = [], [], iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        async def worker():
+
+    async def worker():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
             for i in next_index:
-                body, ctype = bodies[i % len(bodies)]
                 start = time.perf_counter()
                 try:
-                    r = await client.post("/v1/predict", content=body,
-                                          headers={"Content-Type": ctype})
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code}: {r.text[:100]}")
-                except httpx.HTTPError as e:
+                    await asyncio.wait_for(_exchange(reader, writer,
+                                                     requests_[i % len(requests_)]), timeout)
+                except (RuntimeError, OSError, asyncio.IncompleteReadError,
+                        TimeoutError) as e:
                     errors.append(f"{type(e).__name__}: {e}")
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
                 latencies.append(time.perf_counter() - start)
+        finally:
+            writer.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
     ms = sorted(1000 * x for x in latencies)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
     return {"concurrency": concurrency, "requests": requests, "seconds": seconds,
@@ -163,8 +191,6 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(offline(args.child[0], args.child[1], int(args.child[2]))))
         return {}
-    import httpx
-
     server_cpus, client_cpus = cpu_split()
     out = subprocess.run([*_pin(server_cpus), sys.executable, __file__, "--model", args.model,
                           "--photos", args.photos, "--child", args.model, args.photos,
@@ -177,18 +203,21 @@ def main(argv=None) -> dict:
     from jaxmm.trained import bundle
 
     spec = bundle.spec_of(bundle.read_record(args.model))
-    bodies = [_body(f, spec.preprocessing.text_of(f)) for f in files]
+    bodies = [_request(f, spec.preprocessing.text_of(f)) for f in files]
     proc, url = start_server(args, server_cpus)
     try:
         if len(client_cpus):
             os.sched_setaffinity(0, client_cpus)
-        asyncio.run(level(url, bodies, 8, 64, args.timeout))  # warm-up round
+        # Warm-up round at the highest concurrency, so that every batch shape has run once
+        # and "before" is the resident memory of a server in use.
+        top = max(int(x) for x in args.concurrency.split(","))
+        asyncio.run(level(url, bodies, top, 2 * top, args.timeout))
         result["server_rss_before"] = _server_rss(proc.pid)
         for c in (int(x) for x in args.concurrency.split(",")):
-            before = _batches(httpx.get(url + "/metrics").text)
+            before = _batches(_get(url + "/metrics"))
             cpu_server, cpu_client = _server_cpu(proc.pid), time.process_time()
             row = asyncio.run(level(url, bodies, c, args.requests, args.timeout))
-            after = _batches(httpx.get(url + "/metrics").text)
+            after = _batches(_get(url + "/metrics"))
             row["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
             row["server_cpu_s"] = _server_cpu(proc.pid) - cpu_server
             row["client_cpu_s"] = time.process_time() - cpu_client
@@ -226,7 +255,7 @@ def table(r: dict) -> str:
         lines.append(f"| {x['concurrency']} | {x['requests']} | {x['requests_per_s']:.1f} | "
                      f"{x['vs_offline']:.2f} | {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | "
                      f"{x['p99_ms']:.0f} | {x['errors']} | {x['mean_batch']:.1f} | "
-                     f"{x['server_cpu_s']:.1f} | {x['client_cpu_s']:.1f} | "
+                     f"{x['server_cpu_s']:.2f} | {x['client_cpu_s']:.2f} | "
                      f"{x['vs_offline_cpu']:.2f} |")
     return "\n".join(lines)
 

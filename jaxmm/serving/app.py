@@ -128,14 +128,25 @@ def _prepare(engine: Engine, item: tuple):
         raise InputProblem(400, f"{what}: {e}") from None
 
 
-async def _examples(state: _State, request: Request) -> list:
+async def _examples(state: _State, request: Request, batched: bool) -> list:
+    """The request's preprocessed examples (decoded on the thread pool). With ``batched``, the
+    batcher is told they are coming, so a batch may wait for them."""
     if not state.ready:
         raise HTTPException(503, "the model is still compiling; try again in a few seconds",
                             headers={"Retry-After": "5"})
     items = await _read_items(request, state.settings)
+    if batched and state.batcher.depth + len(items) > state.settings.max_queue:
+        raise QueueFull()
     loop = asyncio.get_running_loop()
-    return await asyncio.gather(*(loop.run_in_executor(state.pool, _prepare, state.engine, i)
-                                  for i in items))
+    if batched:
+        state.batcher.expect(len(items))
+    try:
+        return await asyncio.gather(*(loop.run_in_executor(state.pool, _prepare, state.engine,
+                                                           i) for i in items))
+    except BaseException:
+        if batched:
+            state.batcher.cancel(len(items))
+        raise
 
 
 # --- Answers ------------------------------------------------------------------------------------
@@ -270,10 +281,9 @@ def _routes(app: FastAPI, state: _State) -> None:
               responses=schemas.responses(schemas.PredictAnswer),
               openapi_extra=schemas.request_body())
     async def predict(request: Request):
-        examples = await _examples(state, request)
-        if state.batcher.depth + len(examples) > state.settings.max_queue:
-            raise QueueFull()
-        results = await asyncio.gather(*(state.batcher.submit(e) for e in examples))
+        examples = await _examples(state, request, batched=True)
+        results = await asyncio.gather(*(state.batcher.submit(e, expected=True)
+                                         for e in examples))
         answers = [{**_answer(state, e, p), "batch": batch}
                    for e, (p, batch) in zip(examples, results, strict=True)]
         return JSONResponse({**_header(state), "predictions": answers})
@@ -284,7 +294,7 @@ def _routes(app: FastAPI, state: _State) -> None:
     async def explain(request: Request):
         if not engine.can_explain:
             raise HTTPException(501, HOW_TO_EXPLAIN)
-        examples = await _examples(state, request)
+        examples = await _examples(state, request, batched=False)
         if len(examples) != 1:
             raise InputProblem(422, f"explain takes one image, got {len(examples)}")
         if state.explaining.locked():

@@ -1,8 +1,12 @@
 """Micro-batching: concurrent requests gathered into one device batch.
 
-A batch starts with the oldest waiting item and closes when it holds ``max_batch`` items or when
-that item has waited ``max_wait`` seconds, whichever comes first; it then runs on the one device
-thread while new items keep arriving. Items wait in a bounded queue: a full queue refuses at
+A batch starts with the oldest waiting item and closes when it holds ``max_batch`` items, or
+when that item has waited ``max_wait`` seconds and no item announced with ``expect`` (accepted,
+still being decoded) could still join it; the announced items are waited for at most
+``HOLD_FACTOR`` times ``max_wait``. Without that, a server whose decoding is the bottleneck
+would see items one by one and run many tiny batches, each costing nearly as much device
+time as a full one. The batch then runs on the one device thread while new items keep
+arriving. Items wait in a bounded queue: a full queue refuses at
 once (the server answers 503 with Retry-After) rather than growing without end. Every result
 goes back to the future of its own item.
 """
@@ -12,6 +16,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import time
+
+HOLD_FACTOR = 10  # items being decoded are waited for at most this many times max_wait
 
 
 class QueueFull(Exception):
@@ -42,6 +48,7 @@ class MicroBatcher:
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait
         self.max_queue, self.on_batch = max_queue, on_batch
         self.batches = 0
+        self.incoming = 0  # announced items not yet submitted (being decoded)
         self._items: collections.deque[_Item] = collections.deque()
         self._arrived = asyncio.Event()
         self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
@@ -64,13 +71,29 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._device.shutdown(wait=True)
 
-    async def submit(self, value):
+    def expect(self, count: int) -> None:
+        """Announces ``count`` items that will be submitted (or ``cancel``led) soon."""
+        self.incoming += count
+
+    def cancel(self, count: int = 1) -> None:
+        """Withdraws announced items that will not come (their request failed)."""
+        self.incoming -= count
+        self._arrived.set()
+
+    async def submit(self, value, expected: bool = False):
         """The result of one item, once its batch has run.
+
+        Args:
+          value: the item.
+          expected: it was announced with ``expect``.
 
         Raises:
           QueueFull: the queue is full (nothing was queued).
         """
+        if expected:
+            self.incoming -= 1
         if len(self._items) >= self.max_queue:
+            self._arrived.set()
             raise QueueFull()
         future = asyncio.get_running_loop().create_future()
         self._items.append(_Item(value, future, time.monotonic()))
@@ -85,9 +108,12 @@ class MicroBatcher:
         while not self._items:
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self._items[0].since + self.max_wait
+        since = self._items[0].since
         while len(self._items) < self.max_batch:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = since + self.max_wait - now
+            if left <= 0 and self.incoming > 0:
+                left = since + HOLD_FACTOR * self.max_wait - now
             if left <= 0:
                 break
             self._arrived.clear()
