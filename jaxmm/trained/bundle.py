@@ -8,7 +8,8 @@ A bundle (``python -m jaxmm.export``) holds, under the names in ``jaxmm.paths``:
   ``examples/predict_standalone.py`` is a client built from it alone).
 - ``weights.safetensors`` (no pickle), ``tokenizer/``, and ``predict.jaxexport``: a serialized
   ``jax.export`` function (StableHLO for CPU and CUDA, symbolic batch size) from (variables,
-  uint8 images, token ids, mask) to logits; ``MODEL_CARD.md`` for people (not digested).
+  uint8 images, token ids, mask) to logits; ``MODEL_CARD.md`` for people (not digested);
+  optionally ``explain/``, the explanation functions (``bundle_explain``, export --explain).
 
 Files a user adds are not digested and survive a re-export. Reading checks every field and
 every digest and fails with one line naming the file and key.
@@ -97,7 +98,7 @@ def verify_digests(bundle_dir: str, record: dict) -> None:
     found = content_files(bundle_dir)
     for name in sorted(set(found) - set(recorded) - {"model"}):
         raise BundleError(f"{os.path.join(bundle_dir, name)}: not one of the files {where} "
-                          "records; the tokenizer was changed after export")
+                          "records; the bundle was changed after export")
     for name, digest in sorted(recorded.items()):
         path = os.path.join(bundle_dir, name)
         actual = (json_digest(record["model"]) if name == "model"
