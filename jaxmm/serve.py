@@ -53,7 +53,11 @@ def main(argv):
     if not 0 <= _UNSURE.value <= 1 or _MAX_WAIT.value < 0 or _MAX_UPLOAD.value <= 0:
         raise ConfigError("--unsure_below must be in [0, 1], --max_wait_ms >= 0 and "
                           "--max_upload_mb > 0")
-    from jaxmm.serving import server
+    try:
+        from jaxmm.serving import server
+    except ImportError as e:
+        raise ConfigError(f"the server needs its packages ({e.name} is missing): pip install "
+                          "'.[serve]' or -r requirements-serve.txt") from None
 
     server.serve(_MODEL.value, _HOST.value, _PORT.value, server.Settings(
         max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT.value, max_queue=_MAX_QUEUE.value,
