@@ -35,6 +35,7 @@ BUNDLE_SPEC_FILE = "model.json"  # format version, architecture, classes, prepro
 BUNDLE_WEIGHTS_FILE = "weights.safetensors"  # params + batch statistics, "/"-joined names
 BUNDLE_FUNCTION_FILE = "predict.jaxexport"  # serialized jax.export function (StableHLO)
 MODEL_CARD_FILE = "MODEL_CARD.md"  # for people; not digested, written anew by every export
+BUNDLE_EXPLAIN_DIR = "explain"  # optional explanation functions (export --explain), digested
 
 # --- A sweep folder (slurm/sweep.sh): one workdir per run, <index>-<overrides> ------------------
 SWEEP_FILE = "sweep.json"  # the runs of the sweep: names, overrides, trainer arguments

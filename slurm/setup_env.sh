@@ -11,6 +11,8 @@
 #                                       a node with internet access, compute nodes stay offline
 #   slurm/setup_env.sh tracking         optional: add experiment tracking (MLflow, W&B offline) from
 #                                       requirements-tracking.txt, for --config.tracking=mlflow|wandb
+#   slurm/setup_env.sh serve            optional: add the HTTP server (python -m jaxmm.serve,
+#                                       slurm/serve.sh) from requirements-serve.txt
 #
 # Environment variables (all optional):
 #   ENV_KIND   venv (default) or conda
@@ -125,6 +127,14 @@ tracking() {
   "$py" -c 'import mlflow, wandb; print(f"[setup_env] mlflow {mlflow.__version__}, wandb {wandb.__version__}: imports ok")'
 }
 
+serve() {
+  local py
+  py="$(env_python)"
+  log "installing requirements-serve.txt into $py"
+  "$py" -m pip install -q -r requirements-serve.txt
+  "$py" -c 'import fastapi, uvicorn, multipart, prometheus_client; print(f"[setup_env] fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}: imports ok")'
+}
+
 cmd="${1:-install}"
 [ "$#" -gt 0 ] && shift
 case "$cmd" in
@@ -132,6 +142,7 @@ case "$cmd" in
   verify) verify ;;
   weights) weights "$@" ;;
   tracking) tracking ;;
+  serve) serve ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (install | verify | weights | tracking)" ;;
+  *) die "unknown command '$cmd' (install | verify | weights | tracking | serve)" ;;
 esac

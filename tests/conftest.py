@@ -61,6 +61,35 @@ def bundle_dir(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def explain_bundle_dir(trained_run, tmp_path_factory):
+    """The shared run exported with its temperature and the explanation functions (``export
+    --explain``), as the server uses it."""
+    from jaxmm.trained import bundle
+
+    out = str(tmp_path_factory.mktemp("explain_bundle") / "garbage")
+    bundle.export_run(trained_run, out, "best", explain=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(explain_bundle_dir, tmp_path_factory):
+    """``python -m jaxmm.serve`` on the explanation bundle (loopback, a free port), shared by
+    the API and browser tests: batches of up to 8 images that wait up to 5 s for one another
+    (so a batch forms by count, not timing), a queue of 8, uploads up to 2 MiB. Its temporary
+    folder and working folder are empty ones of its own (``tmp``, ``cwd``)."""
+    root = tmp_path_factory.mktemp("server")
+    (root / "tmp").mkdir()
+    (root / "cwd").mkdir()
+    environ = dict(support.env(1), TMPDIR=str(root / "tmp"))
+    srv = support.Server(explain_bundle_dir, "--max_batch", "8", "--max_wait_ms", "5000",
+                         "--max_queue", "8", "--max_upload_mb", "2", "--unsure_below", "0.6",
+                         cwd=str(root / "cwd"), environ=environ)
+    srv.root = root
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def test_split(trained_run):
     """The test split of the shared run as jaxmm's evaluation sees it: each example's raw file,
     text and raw (uncalibrated) probabilities of the best checkpoint."""

@@ -235,3 +235,73 @@ class Cluster:
     def cancel_all(self) -> None:
         for job in self.jobs:
             subprocess.run(["scancel", job], capture_output=True, check=False)
+
+
+# Modules the server must never import (tests/test_serve_api.py checks its process at exit).
+SERVE_FORBIDDEN = ("flax", "optax", "orbax", "grain", "tensorflow_datasets", "transformers")
+_SERVE_WRAPPER = (
+    "import atexit, runpy, sys\n"
+    "forbidden = set(sys.argv.pop(1).split(','))\n"
+    "atexit.register(lambda: print('IMPORTED', sorted({m.split('.')[0] for m in sys.modules} "
+    "& forbidden), flush=True))\n"
+    "sys.argv[0] = 'jaxmm.serve'\n"
+    "runpy.run_module('jaxmm.serve', run_name='__main__')\n")
+
+
+class Server:
+    """``python -m jaxmm.serve`` in a subprocess on a free loopback port; ``url`` once ready.
+    At exit the process prints which ``SERVE_FORBIDDEN`` modules it ever imported."""
+
+    def __init__(self, bundle: str, *flags: str, cwd=None, environ=None, timeout: float = 600):
+        import threading
+
+        cmd = [sys.executable, "-c", _SERVE_WRAPPER, ",".join(SERVE_FORBIDDEN), "--model",
+               bundle, "--port", "0", *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, cwd=cwd, env=environ or env(1))
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if line.startswith("ready: "):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        ready.wait(timeout)
+        found = [line for line in self.lines if line.startswith("ready: ")]
+        if not found:
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "\n".join(self.lines[-30:]))
+        self.url = found[0][len("ready: "):].rstrip("/")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (killed after ``timeout`` seconds)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def imported(self) -> list[str]:
+        """The forbidden modules the stopped process imported (its last line says)."""
+        time.sleep(0.2)  # the reader thread takes the last lines
+        line = next(line for line in reversed(self.lines) if line.startswith("IMPORTED "))
+        import ast
+
+        return ast.literal_eval(line[len("IMPORTED "):])
+
+
+def png_bytes(array) -> bytes:
+    """PNG bytes of a uint8 image array."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

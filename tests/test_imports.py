@@ -13,7 +13,8 @@ PACKAGE = os.path.join(REPO, "jaxmm")
 # What the commands that use a trained model import (prediction, export, the bundle reader).
 INFERENCE = ("jaxmm.predict", "jaxmm.export", "jaxmm.trained.classify",
              "jaxmm.trained.classifier", "jaxmm.trained.bundle", "jaxmm.trained.workdir",
-             "jaxmm.trained.model", "jaxmm.evaluation.explain")
+             "jaxmm.trained.model", "jaxmm.evaluation.explain", "jaxmm.serve",
+             "jaxmm.serving.app", "jaxmm.serving.server")
 TRAINING_ONLY = ("optax", "grain", "tensorflow_datasets", "jaxmm.training.optim",
                  "jaxmm.data.pipeline", "jaxmm.data.builder", "jaxmm.data.prepared",
                  "jaxmm.training.setup", "jaxmm.training.steps", "jaxmm.training.checkpointing",

@@ -27,10 +27,10 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 
 from jaxmm import paths
 from jaxmm.evaluation import calibration
+from jaxmm.evaluation.heatmap import heat_rgba, upsample  # noqa: F401 -- upsample: public name
 from jaxmm.models.resnet import LAST_STAGE
 from jaxmm.trained.model import padded_batches
 
@@ -220,13 +220,6 @@ class Explainer:
 
 # ------------------------------------------------------------------------------------- figures
 
-def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a [h,w] map to ``size`` = (H, W), for overlaying on the image."""
-    resized = Image.fromarray(np.asarray(heatmap, np.float32), mode="F").resize(
-        (size[1], size[0]), Image.BILINEAR)
-    return np.asarray(resized)
-
-
 def _check_names(ex: Explanation, class_names) -> None:
     k = len(next(iter(ex.probs.values())))
     if len(class_names) != k:
@@ -244,11 +237,7 @@ def _title(ex: Explanation, class_names) -> str:
 def _overlay(ax, ex: Explanation, title: str) -> None:
     ax.imshow(ex.image)
     if ex.heatmap is not None:
-        heat = np.clip(upsample(ex.heatmap, ex.image.shape[:2]), 0.0, 1.0)
-        # Opacity follows the heat, so cold regions leave the photo as it is.
-        overlay = matplotlib.colormaps["jet"](heat)
-        overlay[..., 3] = 0.6 * heat
-        ax.imshow(overlay)
+        ax.imshow(heat_rgba(ex.heatmap, ex.image.shape[:2]))
     ax.set_title(title, fontsize="small")
     ax.set_xticks([])
     ax.set_yticks([])

@@ -8,7 +8,8 @@ A bundle (``python -m jaxmm.export``) holds, under the names in ``jaxmm.paths``:
   ``examples/predict_standalone.py`` is a client built from it alone).
 - ``weights.safetensors`` (no pickle), ``tokenizer/``, and ``predict.jaxexport``: a serialized
   ``jax.export`` function (StableHLO for CPU and CUDA, symbolic batch size) from (variables,
-  uint8 images, token ids, mask) to logits; ``MODEL_CARD.md`` for people (not digested).
+  uint8 images, token ids, mask) to logits; ``MODEL_CARD.md`` for people (not digested);
+  optionally ``explain/``, the explanation functions (``bundle_explain``, export --explain).
 
 Files a user adds are not digested and survive a re-export. Reading checks every field and
 every digest and fails with one line naming the file and key.
@@ -34,7 +35,7 @@ PLATFORMS = ("cpu", "cuda")
 ARGUMENTS = ("variables", "image", "input_ids", "attention_mask")
 # The files of a bundle that jaxmm writes; a re-export replaces these and nothing else.
 OWN_FILES = (paths.BUNDLE_SPEC_FILE, paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE,
-             paths.TOKENIZER_DIR, paths.MODEL_CARD_FILE)
+             paths.TOKENIZER_DIR, paths.MODEL_CARD_FILE, paths.BUNDLE_EXPLAIN_DIR)
 
 
 def _reason(error: BaseException) -> str:
@@ -71,12 +72,13 @@ def json_digest(obj) -> str:
 
 
 def content_files(bundle_dir: str) -> list[str]:
-    """The digested files of a bundle, relative and sorted (weights, function, tokenizer)."""
+    """The digested files of a bundle, relative and sorted (weights, function, tokenizer and
+    the explanation functions when there are any)."""
     out = [paths.BUNDLE_WEIGHTS_FILE, paths.BUNDLE_FUNCTION_FILE]
-    tok = os.path.join(bundle_dir, paths.TOKENIZER_DIR)
-    for root, _, names in os.walk(tok):
-        out += [os.path.relpath(os.path.join(root, n), bundle_dir).replace(os.sep, "/")
-                for n in names]
+    for folder in (paths.TOKENIZER_DIR, paths.BUNDLE_EXPLAIN_DIR):
+        for root, _, names in os.walk(os.path.join(bundle_dir, folder)):
+            out += [os.path.relpath(os.path.join(root, n), bundle_dir).replace(os.sep, "/")
+                    for n in names]
     return sorted(out)
 
 
@@ -96,7 +98,7 @@ def verify_digests(bundle_dir: str, record: dict) -> None:
     found = content_files(bundle_dir)
     for name in sorted(set(found) - set(recorded) - {"model"}):
         raise BundleError(f"{os.path.join(bundle_dir, name)}: not one of the files {where} "
-                          "records; the tokenizer was changed after export")
+                          "records; the bundle was changed after export")
     for name, digest in sorted(recorded.items()):
         path = os.path.join(bundle_dir, name)
         actual = (json_digest(record["model"]) if name == "model"
@@ -331,7 +333,7 @@ def _move_into(tmp: str, out_dir: str) -> None:
 
 
 def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
-                 platforms=PLATFORMS, workdir=None) -> dict:
+                 platforms=PLATFORMS, workdir=None, explain: bool = False) -> dict:
     """Writes a bundle folder (into a private folder first, then moved into place).
 
     Args:
@@ -340,6 +342,8 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
       source: provenance (checkpoint, step, the run's config and data record).
       platforms: platforms the function is lowered for.
       workdir: the run's ``Workdir``, for the model card (none without it).
+      explain: add the explanation functions (``bundle_explain``; Grad-CAM, integrated
+        gradients, per-tower probabilities), recorded under ``extensions.explain``.
 
     Returns:
       The model.json record.
@@ -358,6 +362,11 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
         trained.tokenizer.save_pretrained(os.path.join(tmp, paths.TOKENIZER_DIR))
         with open(os.path.join(tmp, paths.BUNDLE_FUNCTION_FILE), "wb") as f:
             f.write(export_function(trained.model, variables, pre, platforms))
+        extensions = {}
+        if explain:
+            from jaxmm.trained import bundle_explain
+
+            extensions["explain"] = bundle_explain.write(tmp, trained, variables, platforms)
         model = spec.to_json()
         digests = {name: file_digest(os.path.join(tmp, name)) for name in content_files(tmp)}
         digests["model"] = json_digest(model)
@@ -371,7 +380,7 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
                         "tensors": tensor_table(flat)},
             "tokenizer": _tokenizer_entry(trained.tokenizer, pre), "digests": digests,
             "versions": versions.package_versions(versions.BUNDLE), "source": source,
-            "extensions": {},
+            "extensions": extensions,
         }
         files.write_json(os.path.join(tmp, paths.BUNDLE_SPEC_FILE), record)
         if workdir is not None:
@@ -385,8 +394,9 @@ def write_bundle(out_dir: str, trained: TrainedModel, source: dict,
 
 
 def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=PLATFORMS,
-               calibrated: bool = True) -> dict:
-    """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``).
+               calibrated: bool = True, explain: bool = False) -> dict:
+    """Exports a checkpoint of a trained run as a bundle (see ``write_bundle``; ``explain``
+    adds the explanation functions).
 
     Needs only the workdir (its record, tokenizer copy, calibration and checkpoint).
 
@@ -400,4 +410,4 @@ def export_run(workdir: str, out_dir: str, checkpoint: str = "best", platforms=P
     record = wd.read_record()
     source = {"checkpoint": str(checkpoint), "step": int(trained.step),
               "config": record["config"], "data": record.get("data")}
-    return write_bundle(out_dir, trained, source, platforms, workdir=wd)
+    return write_bundle(out_dir, trained, source, platforms, workdir=wd, explain=explain)

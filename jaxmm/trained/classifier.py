@@ -50,6 +50,21 @@ class Tokenizer:
         self._tok.enable_padding(length=length, pad_id=entry["pad_id"],
                                  pad_token=entry["pad_token"])
 
+    def encode(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(input_ids, attention_mask) int32 [max_text_length] of one text, and whether the
+        text was cut to fit (it is truncated as in training)."""
+        e = self._tok.encode(str(text))
+        return (np.array(e.ids, np.int32), np.array(e.attention_mask, np.int32),
+                bool(e.overflowing))
+
+    def decode(self, ids) -> str:
+        """The text that ids stand for, special tokens left out."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_strings(self, ids) -> list[str]:
+        """The token string of every id."""
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int32 [n, max_text_length]."""
         encodings = self._tok.encode_batch([str(t) for t in texts])
@@ -136,6 +151,13 @@ def model_logits(bundle_dir: str, record: dict):
     bundle.check_tensors(record["weights"]["tensors"], expected,
                          os.path.join(bundle_dir, paths.BUNDLE_SPEC_FILE), "its architecture")
     return jax.jit(functools.partial(model.apply, train=False))
+
+
+def padded_sizes(batch_size: int) -> list[int]:
+    """The batch shapes a batch of at most ``batch_size`` is padded to: the powers of two up to
+    ``batch_size``, and ``batch_size`` (one compilation each)."""
+    return sorted({1 << k for k in range(batch_size.bit_length()) if 1 << k <= batch_size}
+                  | {batch_size})
 
 
 class Predictions(NamedTuple):
@@ -250,17 +272,23 @@ class Classifier:
         """Class probabilities [n, K] of ``read`` results."""
         return self.probabilities([e["image"] for e in examples], [e["text"] for e in examples])
 
+    @property
+    def variables(self) -> dict:
+        """The model variables, on the device."""
+        return self._variables
+
+    def logits(self, image, input_ids, attention_mask) -> np.ndarray:
+        """Float32 logits [n, K] of one prepared batch (each batch shape compiles once)."""
+        return np.asarray(self._logits(self._variables, image, input_ids, attention_mask))
+
     def probabilities(self, crops: list[np.ndarray], texts: list[str]) -> np.ndarray:
         """Class probabilities [n, K] of preprocessed crops; one compilation per padded size
         (the powers of two up to ``batch_size``, and ``batch_size``)."""
-        sizes = sorted({1 << k for k in range(self.batch_size.bit_length())
-                        if 1 << k <= self.batch_size} | {self.batch_size})
         out = []
         for chunk, padded in padded_batches(list(zip(crops, texts, strict=True)),
-                                            self.batch_size, sizes):
+                                            self.batch_size, padded_sizes(self.batch_size)):
             ids, mask = self.tokenize([t for _, t in padded])
-            image = np.stack([c for c, _ in padded])
-            logits = self._logits(self._variables, image, ids, mask)
-            out.append(softmax(np.asarray(logits)[:len(chunk)], self.temperature))
+            logits = self.logits(np.stack([c for c, _ in padded]), ids, mask)
+            out.append(softmax(logits[:len(chunk)], self.temperature))
         width = len(self.class_names)
         return np.concatenate(out) if out else np.zeros((0, width), np.float32)
