@@ -320,6 +320,7 @@ BAD_FIELDS = [
     ("model.preprocessing.stored_format", "gif", "preprocessing.stored_format"),
     ("model.preprocessing.text_rule", [["upper"]], "preprocessing.text_rule"),
     ("model.preprocessing.exif", True, "preprocessing.exif"),
+    ("model.preprocessing.exif_transpose", "yes", "preprocessing.exif_transpose"),
     ("model.architecture.modalities", "image", "architecture"),
     ("weights.tensors.params/head/out/bias.dtype", "float16", "needs float16"),
     ("tokenizer.pad_id", "0", "tokenizer.pad_id"),
@@ -348,6 +349,22 @@ def test_every_model_json_field_is_checked(bundle_dir, tmp_path, engine, field, 
     message = str(info.value)
     assert "\n" not in message and re.search(words, message), message
     assert "model.json" in message, message
+
+
+@pytest.mark.parametrize("field, value, words", [BAD_FIELDS[0], BAD_FIELDS[4], BAD_FIELDS[-1]],
+                         ids=["class_names", "temperature", "pad_id"])
+def test_the_server_refuses_a_damaged_bundle_in_one_line(bundle_dir, tmp_path, field, value,
+                                                         words):
+    """The server loads through ``Classifier.load``: the same checks, before it listens."""
+    pytest.importorskip("fastapi")
+    copy = _broken_copy(bundle_dir, tmp_path, "bad")
+    _rewrite_spec(copy, _set(field, value))
+    proc = subprocess.run([sys.executable, "-m", "jaxmm.serve", "--model", copy, "--port", "0"],
+                          cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert "model.json" in lines[0] and re.search(words, lines[0]), lines[0]
+    assert "ready" not in proc.stdout
 
 
 def test_export_keeps_what_is_not_its_own(trained_run, bundle_dir, tmp_path):
