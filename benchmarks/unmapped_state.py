@@ -3,6 +3,7 @@ its arguments, and the step time, side by side.
 
     python benchmarks/unmapped_state.py --devices 4 --reps 40 --out unmapped.json
     python benchmarks/unmapped_state.py --devices 4 --reps 0           # compiled programs only
+    python benchmarks/unmapped_state.py --gpu --reps 40                # every local GPU
 
 Two ways to hand the same train state to the same pmapped step (``steps.train_step`` of the
 demo config, donated, on fake CPU devices):
@@ -27,7 +28,7 @@ import argparse
 import os
 import sys
 
-if __name__ == "__main__":  # fake devices must be set before JAX starts
+if __name__ == "__main__" and "--gpu" not in sys.argv:  # fake devices, before JAX starts
     _n = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), None)
     if _n is None and "--devices" in sys.argv:
         _n = sys.argv[sys.argv.index("--devices") + 1]
@@ -66,6 +67,8 @@ _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s64": 8,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=4, help="fake CPU devices (one pmap axis)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the machine's own devices (GPUs) instead of fake CPU devices")
     p.add_argument("--batch_size", type=int, default=16, help="global batch of the step")
     p.add_argument("--batchnorm_sync", default="global", help="config.batchnorm_sync")
     p.add_argument("--reps", type=int, default=40, help="interleaved timing repetitions")
@@ -216,20 +219,33 @@ def timing(host, fn, batches, key, reps: int, n_steps: int) -> dict:
         jax.block_until_ready((state, m))
         run[v] = [step, state, k, device_batches]
     times = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
     for r in range(reps):
         for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
             step, state, k, device_batches = run[v]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i in range(n_steps):
                 state, m = step(state, device_batches[i % 2], k)
             jax.block_until_ready((state, m))
             times[v].append(1e3 * (time.perf_counter() - t0) / n_steps)
+            cpu[v].append(1e3 * (time.process_time() - c0) / n_steps)
             run[v][1] = state
     out = {v: _spread(t) for v, t in times.items()}
-    ratios = np.asarray(times["unmapped"]) / np.asarray(times["mapped"])
-    out["unmapped_over_mapped"] = _spread(ratios, digits=3)
+    out["cpu_ms"] = {v: _spread(t) for v, t in cpu.items()}
+    for name, values in (("unmapped_over_mapped", times), ("cpu_unmapped_over_mapped", cpu)):
+        ratios = np.asarray(values["unmapped"]) / np.asarray(values["mapped"])
+        out[name] = {**_spread(ratios, digits=3), "median_95ci": _median_ci(ratios)}
     out["raw_ms"] = {v: [round(x, 2) for x in t] for v, t in times.items()}
+    out["raw_cpu_ms"] = {v: [round(x, 2) for x in t] for v, t in cpu.items()}
     return out
+
+
+def _median_ci(values, resamples: int = 2000) -> list:
+    """A bootstrap 95 % interval of the median."""
+    rng = np.random.default_rng(0)
+    v = np.asarray(values)
+    medians = np.median(rng.choice(v, (resamples, len(v))), axis=1)
+    return [round(float(x), 3) for x in np.percentile(medians, [2.5, 97.5])]
 
 
 def _spread(values, digits: int = 2) -> dict:
@@ -260,9 +276,13 @@ def markdown(results: dict) -> str:
         rows.append("| ms/step median [p10, p90] (min-max) | " + " | ".join(
             f"{t[v]['median']} [{t[v]['p10']}, {t[v]['p90']}] ({t[v]['min']}-{t[v]['max']})"
             for v in VARIANTS) + " |")
-        r = t["unmapped_over_mapped"]
-        rows.append(f"| unmapped / mapped, paired | median {r['median']} "
-                    f"[p10 {r['p10']}, p90 {r['p90']}] | |")
+        rows.append("| CPU ms/step (process time) median [p10, p90] | " + " | ".join(
+            f"{t['cpu_ms'][v]['median']} [{t['cpu_ms'][v]['p10']}, {t['cpu_ms'][v]['p90']}]"
+            for v in VARIANTS) + " |")
+        for name in ("unmapped_over_mapped", "cpu_unmapped_over_mapped"):
+            r = t[name]
+            rows.append(f"| {name}, paired | median {r['median']} (95 % CI {r['median_95ci']}) "
+                        f"[p10 {r['p10']}, p90 {r['p90']}] | |")
     return "\n".join(rows)
 
 
