@@ -188,7 +188,7 @@ def transfers(variant: str, host, fn, batches, key) -> dict:
     except Exception as e:  # noqa: BLE001 - the guard's message is the result
         out["returned_state"] = _first_line(e)
     shards = [jax.tree.leaves(jax.tree.map(lambda x, i=i: np.asarray(x.addressable_shards[i].data)
-                                           .reshape(-1), state.variables))
+                                           .reshape(-1), state))
               for i in range(len(jax.local_devices()))]
     out["copies_equal_across_devices"] = all(
         np.array_equal(a, b) for other in shards[1:] for a, b in zip(shards[0], other,
