@@ -96,14 +96,12 @@ def lowered_hlo(config, num_classes: int = 4) -> tuple[str, dict]:
         apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"], tx=tx), abstract)
     n = jax.local_device_count()
     rows = config.batch_size // n
-    per_device = lambda s: jax.ShapeDtypeStruct((n,) + tuple(s.shape), s.dtype)
-    state = jax.tree.map(per_device, state)
     s, length = config.image_size, config.max_text_length
     batch = {"image": jax.ShapeDtypeStruct((n, rows, s, s, 3), jnp.uint8),
              "input_ids": jax.ShapeDtypeStruct((n, rows, length), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((n, rows, length), jnp.int32),
              "label": jax.ShapeDtypeStruct((n, rows), jnp.int32)}
-    key = per_device(jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))  # unmapped, as the state
     step = setup_lib.train_step_fn(config, np.ones(num_classes, np.float32))
     hlo = step.lower(state, batch, key).as_text(dialect="hlo", debug_info=True)
     leaves = jax.tree.leaves(abstract["params"])

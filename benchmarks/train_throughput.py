@@ -243,14 +243,13 @@ def memory_stat(devices, key: str = "peak_bytes_in_use") -> int | str:
 
 def state_bytes(state) -> int:
     """Bytes of one replica of the train state (params, batch stats, optimizer state)."""
-    return int(sum(x.nbytes // x.shape[0] for x in jax.tree_util.tree_leaves(state)
-                   if hasattr(x, "nbytes") and x.ndim))
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes")))
 
 
 def measure_step(args, config, devices) -> tuple[dict, object]:
     """Part (a) plus compile time and FLOPs. Returns (results, context for part (b))."""
     state, train_fn = build_state(config)
-    key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
+    key = parallel.put_replicated(jax.random.PRNGKey(config.seed))
     batches = to_devices(synthetic_batches(config, args.batch_size))
     compiled, compile_s, flops = compile_step(train_fn, state, batches[0], key)
     if args.hlo_out:  # kernel names in a trace are those of this HLO's fusions

@@ -100,7 +100,7 @@ def test_split(trained_run):
     wd = Workdir(trained_run)
     trained = wd.load_model("best", axis_name=parallel.AXIS_NAME, calibrated=False)
     evaluator = eval_report.open_split(wd, trained, "test")
-    _, predictions = evaluator(parallel.replicate(trained.variables), collect=True)
+    _, predictions = evaluator(parallel.put_replicated(trained.variables), collect=True)
     data_dir = wd.config().data_dir
     records = [evaluator.source[int(i)] for i in predictions["index"]]
     files = [os.path.join(data_dir, r["file_name"].decode()) for r in records]

@@ -296,6 +296,34 @@ def test_comm_count_demo(tmp_path):
     assert "| global | **total** |" in cc.table(res)
 
 
+def test_unmapped_state_reads_the_compiled_programs_and_the_transfers():
+    """benchmarks/unmapped_state.py on a tiny donated step, with and without the device axis:
+    every entry parameter, the donated ones and the all-reduce are found, and the transfer
+    guard tells the returned state (no copy) from host arrays (copied)."""
+    import jax
+    import numpy as np
+
+    us = _load("unmapped_state")
+    host = {"w": np.ones((8, 4), np.float32), "n": np.zeros((), np.int32)}
+    batches = [np.full((8, 4), i, np.float32) for i in range(2)]
+    key = np.ones(2, np.float32)
+
+    def fn(state, batch, key):
+        g = jax.lax.psum(batch.sum(0), "batch") * key[0]
+        return {"w": state["w"] - g, "n": state["n"] + 1}, g.sum()
+
+    results = {"hlo": {}, "transfers": {}}
+    for variant in us.VARIANTS:
+        hlo = results["hlo"][variant] = us.compiled_step(variant, host, fn, batches[0], key)
+        assert hlo["entry_parameters"] == 4 and hlo["donated_parameters"] == 2, hlo
+        assert hlo["instructions"].get("all-reduce", 0) >= 1, hlo
+        moved = results["transfers"][variant] = us.transfers(variant, host, fn, batches, key)
+        assert moved["returned_state"] == "no transfer", moved
+        assert moved["host_state"].startswith("Disallowed host-to-device transfer"), moved
+        assert moved["copies_equal_across_devices"]
+    assert "| donated_parameters | 2 | 2 |" in us.markdown(results)
+
+
 def test_comm_count_refuses_a_step_it_cannot_account_for():
     cc = _load("comm_count")
     hlo = "\n".join(f'  x.{i} = f32[{n}]{{0}} all-reduce(y), replica_groups={{{{0,1}}}}, '

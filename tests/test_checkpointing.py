@@ -93,7 +93,7 @@ def test_replicated_state_is_saved_from_one_replica_without_compiling(tmp_path, 
     state = {"step": np.int32(3), "params": {"w": np.full((8, 4), 2.0, np.float32),
                                              "b": np.full(16, 2.0, np.float32)}}
     ckpts = checkpointing.Checkpoints(str(tmp_path), keep=1)
-    view = parallel.replicated_view(parallel.replicate(state))
+    view = parallel.global_arrays(parallel.put_replicated(state))
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):

@@ -14,7 +14,7 @@ from jaxmm import paths
 from jaxmm.errors import ConfigError
 from jaxmm.trained.model import ModelSpec
 from jaxmm.trained.workdir import Workdir, model_architecture
-from jaxmm.training import checkpointing, loop, parallel, train_log
+from jaxmm.training import checkpointing, loop, train_log
 from jaxmm.training import setup as setup_lib
 from tests.support import REPO as ROOT
 from tests.support import env as _env
@@ -58,9 +58,8 @@ def test_warm_start_takes_weights_and_statistics_only(data_dir, tmp_path):
     ckpts = checkpointing.Checkpoints(str(workdir), 1)
     state, progress = loop._initial_state(config, setup, ckpts, None)
     ckpts.close()
-    got = jax.device_get(parallel.first({"params": state.params, "ema": state.ema_params,
-                                         "batch_stats": state.batch_stats,
-                                         "opt_state": state.opt_state}))
+    got = jax.device_get({"params": state.params, "ema": state.ema_params,
+                          "batch_stats": state.batch_stats, "opt_state": state.opt_state})
     for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(got["params"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)
@@ -69,7 +68,7 @@ def test_warm_start_takes_weights_and_statistics_only(data_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(saved["batch_stats"]), jax.tree.leaves(got["batch_stats"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    assert int(parallel.first(state.step)) == 0 and progress.best_epoch is None
+    assert int(state.step) == 0 and progress.best_epoch is None
     # A fresh optimizer: Adam's moments are zero.
     assert all(not np.any(x) for x in jax.tree.leaves(got["opt_state"])
                if np.ndim(x) > 0)

@@ -1,4 +1,5 @@
-"""pmap helpers: sharding, replication, prefetch with iterator state, and no recompiles."""
+"""pmap helpers: sharding, the unmapped state, prefetch with iterator state, no recompiles and
+no per-step copies."""
 
 import functools
 import logging
@@ -69,11 +70,12 @@ def test_prefetch_in_a_thread_stops_when_the_consumer_stops():
     assert source.i == drawn  # the producer thread has stopped drawing
 
 
-def test_shard_replicate_and_unreplicate_round_trip():
+def test_put_replicated_is_one_full_copy_on_every_local_device():
     tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    rep = parallel.replicate(tree)
-    assert rep["a"].shape == (jax.local_device_count(), 2, 3)
-    np.testing.assert_array_equal(np.asarray(parallel.first(rep)["a"]), tree["a"])
+    rep = parallel.put_replicated(tree)
+    assert rep["a"].shape == (2, 3) and rep["a"].is_fully_replicated
+    assert rep["a"].sharding.device_set == set(jax.local_devices())
+    np.testing.assert_array_equal(np.asarray(rep["a"]), tree["a"])
     assert parallel.shard({"x": np.zeros((8, 5))})["x"].shape == (4, 2, 5)
 
 
@@ -86,23 +88,64 @@ def test_local_batch_size_must_divide_device_count():
     assert parallel.local_batch_size(10, round_up=True) == 12
 
 
-def test_replicated_view_is_one_unreplicated_copy_on_every_device():
+def test_global_arrays_are_one_copy_on_every_device():
     tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.asarray(7, np.int32)}
-    view = parallel.replicated_view(parallel.replicate(tree))
+    view = parallel.global_arrays(parallel.put_replicated(tree))
     for key, value in tree.items():
         assert view[key].shape == value.shape and view[key].is_fully_replicated
         assert len(view[key].sharding.device_set) == jax.device_count()
         np.testing.assert_array_equal(np.asarray(view[key]), value)
 
 
-def test_train_step_compiles_once(caplog):
-    # The state is built the way the training loop builds it (optimizer state made on device).
+def _loop_state(model_apply=None):
+    """A state and step built the way the training loop builds them."""
     state = _state()
-    model = types.SimpleNamespace(apply=state.apply_fn)
+    model = types.SimpleNamespace(apply=model_apply or state.apply_fn)
     state = setup_lib.replicated_state(model, state.tx, jax.device_get(state.variables))
     step = parallel.pmap_train_step(
         functools.partial(steps.train_step, class_weights=np.ones(3)))
-    key = parallel.replicate(np.asarray(jax.random.PRNGKey(0)))
+    return state, step, parallel.put_replicated(jax.random.PRNGKey(0))
+
+
+def test_the_state_goes_back_into_the_step_without_a_copy():
+    """The state a step returns is already where the next step takes it: no host-to-device or
+    device-to-device copy of any argument (the guard raises on either); a host state would be
+    copied at every call, which the guard catches."""
+    state, step, key = _loop_state()
+    batches = [parallel.shard_to_devices(_batch(16, i)) for i in range(3)]
+    state, _ = step(state, batches[0], key)
+    with jax.transfer_guard("disallow"):
+        for b in batches[1:]:
+            state, m = step(state, b, key)
+        jax.block_until_ready((state, m))
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            step(jax.device_get(state), batches[0], key)
+
+
+def _copies_equal(tree) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return all(np.array_equal(np.asarray(s.data), np.asarray(x.addressable_shards[0].data))
+               for x in leaves for s in x.addressable_shards)
+
+
+def test_per_device_batchnorm_statistics_leave_the_step_equal_on_every_device():
+    """pmap does not check that an unmapped output is the same on every device; the step
+    pmeans the running averages, so per-device statistics (no BatchNorm axis) still leave it
+    as one value. The check itself tells differing copies apart."""
+    from tests.support import StandIn
+
+    state, step, key = _loop_state(StandIn(axis_name=None).apply)
+    for i in range(2):
+        state, m = step(state, parallel.shard_to_devices(_batch(16, i)), key)
+    assert _copies_equal((state.params, state.batch_stats, state.opt_state, m))
+    differing = jax.pmap(lambda x: jax.lax.axis_index(parallel.AXIS_NAME) + x,
+                         parallel.AXIS_NAME, out_axes=None)(np.zeros(jax.local_device_count()))
+    assert not _copies_equal(differing)
+
+
+def test_train_step_compiles_once(caplog):
+    # The state is built the way the training loop builds it (optimizer state made on device).
+    state, step, key = _loop_state()
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):

@@ -144,13 +144,13 @@ _TX = optax.sgd(1e-3)
 
 
 def _train(model, variables, n_devices: int, scheme: str):
-    step = jax.pmap(functools.partial(steps.train_step, class_weights=np.ones(CLASSES),
-                                      rng_scheme=scheme), AXIS,
-                    devices=jax.local_devices()[:n_devices], donate_argnums=(0,))
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    batch_stats=variables["batch_stats"], tx=_TX)
-    state = jax.tree.map(lambda x: jnp.stack([x] * n_devices), state)
-    root = jnp.stack([jax.random.PRNGKey(1)] * n_devices)
+    step = parallel.pmap_train_step(
+        functools.partial(steps.train_step, class_weights=np.ones(CLASSES), rng_scheme=scheme),
+        jax.local_devices()[:n_devices])
+    state = jax.device_get(steps.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
+        tx=_TX))  # host arrays: the first step places them on the devices
+    root = jax.random.PRNGKey(1)
     labels = np.random.default_rng(0).integers(0, CLASSES, (STEPS, ROWS)).astype(np.int32)
     shard = lambda x: np.reshape(x, (n_devices, -1) + x.shape[1:])
     losses = []
@@ -158,8 +158,8 @@ def _train(model, variables, n_devices: int, scheme: str):
         image, ids, mask = batch(ROWS, seed=i)
         host = {"image": image, "input_ids": ids, "attention_mask": mask, "label": labels[i]}
         state, m = step(state, jax.tree.map(shard, host), root)
-        losses.append(float(m["weighted_ce"][0] / m["weight"][0]))
-    return np.asarray(losses), jax.tree.map(lambda x: np.asarray(x[0]), state.params)
+        losses.append(float(m["weighted_ce"] / m["weight"]))
+    return np.asarray(losses), jax.tree.map(np.asarray, state.params)
 
 
 def _relative_distance(a, b) -> float:

@@ -19,17 +19,18 @@ AXIS = parallel.AXIS_NAME
 
 
 def _run(n_devices, num_steps=3):
+    """Steps of the training loop's pmap (unmapped state and metrics) on ``n_devices``."""
     devices = jax.local_devices()[:n_devices]
-    step = jax.pmap(functools.partial(steps.train_step, class_weights=np.array([1., 2., .5])),
-                    axis_name=AXIS, devices=devices)
-    state = jax.tree.map(lambda x: jnp.stack([x] * n_devices), _state())
-    key = jnp.stack([jax.random.PRNGKey(1)] * n_devices)
+    step = parallel.pmap_train_step(
+        functools.partial(steps.train_step, class_weights=np.array([1., 2., .5])), devices)
+    state = jax.device_get(_state())  # host arrays: the first step places them
+    key = jax.random.PRNGKey(1)
     out = []
     for i in range(num_steps):
         batch = jax.tree.map(lambda x: x.reshape((n_devices, -1) + x.shape[1:]), _batch(16, i))
         state, m = step(state, batch, key)
-        out.append(jax.tree.map(lambda x: np.asarray(x[0]), m))
-    return jax.tree.map(lambda x: np.asarray(x[0]), state), out
+        out.append(jax.tree.map(np.asarray, m))
+    return jax.tree.map(np.asarray, state), out
 
 
 def test_four_devices_equal_one_device():
@@ -104,21 +105,22 @@ _SGD = optax.sgd(0.5)
 
 @functools.cache
 def _step_fn(n_devices, **step_kwargs):
-    return jax.pmap(functools.partial(steps.train_step, class_weights=_WEIGHTS, **step_kwargs),
-                    axis_name=AXIS, devices=jax.local_devices()[:n_devices])
+    return parallel.pmap_train_step(
+        functools.partial(steps.train_step, class_weights=_WEIGHTS, **step_kwargs),
+        jax.local_devices()[:n_devices])
 
 
 def _steps(state, n_devices, batches, **step_kwargs):
     step = _step_fn(n_devices, **step_kwargs)
-    state = jax.tree.map(lambda x: jnp.stack([x] * n_devices), state)
-    key = jnp.stack([jax.random.PRNGKey(1)] * n_devices)
+    state = jax.device_get(state)  # host arrays (the step donates what it is given)
+    key = jax.random.PRNGKey(1)
     metrics, params = [], []
     for b in batches:
         state, m = step(state, jax.tree.map(
             lambda x: x.reshape((n_devices, -1) + x.shape[1:]), b), key)
-        metrics.append(jax.tree.map(lambda x: np.asarray(x[0]), m))
-        params.append(jax.tree.map(lambda x: np.asarray(x[0]), state.params))
-    return jax.tree.map(lambda x: np.asarray(x[0]), state), metrics, params
+        metrics.append(jax.tree.map(np.asarray, m))
+        params.append(jax.tree.map(np.asarray, state.params))
+    return jax.tree.map(np.asarray, state), metrics, params
 
 
 @pytest.mark.parametrize("n_devices", [1, 4])

@@ -288,7 +288,7 @@ def evaluate_run(workdir: str, split: str = "test", checkpoint: str = "best", mo
     """
     wd = Workdir(workdir)
     trained = wd.load_model(checkpoint, axis_name=parallel.AXIS_NAME, calibrated=False)
-    variables = parallel.replicate(trained.variables)
+    variables = parallel.put_replicated(trained.variables)
     notes = []
     if calibrate:
         record = fit_calibration(wd, trained, variables)

@@ -22,7 +22,8 @@ def make_eval_fn(apply_fn, class_weights: np.ndarray, num_classes: int):
     """The pmapped eval step with its constants bound.
 
     Returns:
-      fn(replicated_variables, device_batch, modality_mask) -> (sums, confusion, probs).
+      fn(variables, device_batch, modality_mask) -> (sums, confusion, probs); the variables
+      are device arrays (``parallel.put_replicated``), sums and confusion are unmapped.
     """
     step = functools.partial(steps.eval_step, apply_fn=apply_fn,
                              class_weights=np.asarray(class_weights, np.float32),
@@ -36,7 +37,7 @@ def evaluate_split(eval_fn, variables, batches, class_names, modality_mask=None,
 
     Args:
       eval_fn: from ``make_eval_fn``.
-      variables: replicated {"params", "batch_stats"}.
+      variables: {"params", "batch_stats"} on the devices (``parallel.put_replicated``).
       batches: iterable of host batches with a ``mask`` (and ``index`` when collecting).
       class_names: class names in label order.
       modality_mask: None, or a bool array with one entry per model modality.
@@ -53,7 +54,6 @@ def evaluate_split(eval_fn, variables, batches, class_names, modality_mask=None,
         device_batch = parallel.shard(host_batch)
         sums, confusion, probs = eval_fn(variables, device_batch, mask)
         # Accumulate on the device; values are fetched once at the end.
-        sums, confusion = parallel.first(sums), parallel.first(confusion)
         if sums_total is None:
             sums_total = sums
         else:
@@ -129,7 +129,7 @@ class SplitEvaluator:
         """Metrics (exact, from psummed counts) and, when collecting, every example's probs.
 
         Args:
-          variables: replicated {"params", "batch_stats"} (``parallel.replicate``).
+          variables: {"params", "batch_stats"} on the devices (``parallel.put_replicated``).
           modalities: towers to keep (None = all of the model's).
           collect: also gather every example's probabilities.
 

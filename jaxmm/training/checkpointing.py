@@ -114,7 +114,7 @@ class Checkpoints:
         Args:
           step: the train step the state is at.
           state: {step, params, batch_stats, opt_state[, ema_params]}: global replicated device
-            arrays (``parallel.replicated_view``) or NumPy arrays.
+            arrays (``parallel.global_arrays``) or NumPy arrays.
           iterator_state: grain iterator state right after the last trained batch.
           progress: JSON-ready loop bookkeeping (epoch, best metric, history, ...).
         """

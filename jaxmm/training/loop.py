@@ -139,6 +139,14 @@ def _scalars(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (int, float))}
 
 
+@jax.jit
+def _add_metrics(window, bad, m):
+    """Adds a step's metrics to the log window and counts a non-finite loss or gradient: one
+    program per step on the devices, nothing fetched."""
+    bad = bad + (~jnp.isfinite(m["weighted_ce"]) | ~jnp.isfinite(m["grad_norm"]))
+    return (m if window is None else jax.tree.map(jnp.add, window, m)), bad
+
+
 class _Run:
     """The mutable pieces of one training run, so the loop reads top to bottom.
 
@@ -158,8 +166,8 @@ class _Run:
             process_index=jax.process_index(), process_count=jax.process_count(),
             num_epochs=config.num_epochs)
         self.state, self.progress = _initial_state(config, setup, self.ckpts, self.train_iter)
-        self.step = int(parallel.first(self.state.step))
-        self.root_key = parallel.replicate(np.asarray(jax.random.PRNGKey(config.seed)))
+        self.step = int(self.state.step)
+        self.root_key = parallel.put_replicated(jax.random.PRNGKey(config.seed))
         self.train_fn = setup_lib.train_step_fn(config, setup.class_weights)
         self.validation = scoring.SplitEvaluator(
             config, setup.model, setup.data.class_names, setup.class_weights, setup.tokenizer,
@@ -188,9 +196,7 @@ class _Run:
             log.info("first step (compile + run): %.1f s", self.compile_s)
 
     def add_metrics(self, m):
-        m = parallel.first(m)
-        self.bad = self.bad + (~jnp.isfinite(m["weighted_ce"]) | ~jnp.isfinite(m["grad_norm"]))
-        self.window = m if self.window is None else jax.tree.map(jnp.add, self.window, m)
+        self.window, self.bad = _add_metrics(self.window, self.bad, m)
         self.window_steps += 1
 
     def check_finite(self):
@@ -227,7 +233,7 @@ class _Run:
                 "opt_state": s.opt_state}
         if s.ema_params is not None:
             tree["ema_params"] = s.ema_params
-        self.ckpts.save(self.step, parallel.replicated_view(tree), self.iter_state,
+        self.ckpts.save(self.step, parallel.global_arrays(tree), self.iter_state,
                         self.progress.to_json())
 
     def evaluate_epoch(self) -> bool:
@@ -242,7 +248,7 @@ class _Run:
         metric = c.early_stopping_metric
         improved = p.record_validation(self.epoch, self.step, metric, _scalars(val))
         if improved:
-            self.ckpts.save_best(self.step, parallel.replicated_view(variables), p.to_json())
+            self.ckpts.save_best(self.step, parallel.global_arrays(variables), p.to_json())
         self.writer.write(self.step, "val", {**_scalars(val), "epoch": self.epoch})
         log.info("epoch %d: val loss %.4f accuracy %.4f macro-F1 %.4f%s", self.epoch,
                      val["loss"], val["accuracy"], val["macro_f1"], " (best)" if improved else "")
@@ -362,15 +368,15 @@ def _fit_calibration(run: "_Run") -> None:
     """Temperature scaling of the best checkpoint on validation (``paths.CALIBRATION_FILE``)."""
     variables, step = checkpointing.restore_model(run.workdir.path, "best")
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
-    record = calibration.fit_on_split(run.validation, parallel.replicate(variables), step,
+    record = calibration.fit_on_split(run.validation, parallel.put_replicated(variables), step,
                                       run.config.get("calibration", "trusted"))
     if train_log.is_writer():
         run.workdir.write_calibration(record)
     log.info("calibration: temperature %.3f (%s: %s); validation NLL %.4f -> %.4f, "
-                 "ECE %.4f -> %.4f", record["temperature"],
-                 "applied" if record["applied"] else "not applied", record["reason"],
-                 record["before"]["nll"], record["after"]["nll"], record["before"]["ece"],
-                 record["after"]["ece"])
+             "ECE %.4f -> %.4f", record["temperature"],
+             "applied" if record["applied"] else "not applied", record["reason"],
+             record["before"]["nll"], record["after"]["nll"], record["before"]["ece"],
+             record["after"]["ece"])
 
 
 @jax.jit
@@ -382,8 +388,7 @@ def _abs_sum(params) -> jax.Array:
 
 def _summary(run: _Run, compile_s) -> dict:
     p = run.progress
-    # The first replica's shards as they are ([1, ...]): reshaping each would compile too.
-    checksum = float(_abs_sum(jax.tree.map(lambda x: x.addressable_data(0), run.state.params)))
+    checksum = float(_abs_sum(run.state.params))
     summary = {"status": p.status.value, "step": run.step, "epochs_completed": run.epoch,
                "best_epoch": p.best_epoch, "best_step": p.best_step,
                "best_validation": p.best_validation(),

@@ -1,5 +1,14 @@
 """Everything that knows about ``jax.pmap``: the axis name, batch sharding, device prefetch,
-replication and multi-process start-up.
+placing the state on the devices and multi-process start-up.
+
+The batch is mapped over the devices (a leading device axis); the train state, the evaluated
+variables, the root key and the psummed metrics are not: pmap takes and returns them unmapped
+(``in_axes=None``, ``out_axes=None``) as arrays of their own shape with one full copy on every
+device (a replicated ``NamedSharding``), as flax's ImageNet example does. A state placed so
+(``put_replicated``) or returned by a step goes back into the next step without a copy;
+host arrays would be copied to every device at every call. pmap does not check that an
+unmapped output really is equal on every device: the steps make sure of it (everything they
+return is psummed or pmeaned, or computed from psummed values).
 
 Keeping this in one module means a later move to ``jit`` + ``NamedSharding`` stays local.
 """
@@ -114,19 +123,43 @@ def local_batch_size(global_batch: int, name: str = "batch_size", *,
     return global_batch // jax.process_count()
 
 
-def pmap_train_step(step_fn):
-    """``step_fn(state, batch, key)`` pmapped over the local devices; the state is donated."""
-    return jax.pmap(step_fn, axis_name=AXIS_NAME, donate_argnums=(0,))
+def pmap_train_step(step_fn, devices=None):
+    """``step_fn(state, batch, key) -> (state, metrics)`` pmapped over the batch only.
+
+    The state (donated), the root key, the returned state and the psummed metrics are unmapped.
+
+    Args:
+      step_fn: the train step with its constants bound.
+      devices: the devices to map over (None = all local devices; tests compare 1 with 4).
+    """
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(None, 0, None),
+                    out_axes=(None, None), donate_argnums=(0,), devices=devices)
 
 
 def pmap_eval_step(step_fn):
-    """``step_fn(variables, batch, modality_mask)`` pmapped; the mask is one host value."""
-    return jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(0, 0, None))
+    """``step_fn(variables, batch, modality_mask) -> (sums, confusion, probs)`` pmapped over
+    the batch; the variables and the mask are unmapped, so are the psummed sums and confusion
+    matrix; the probabilities keep the device axis."""
+    return jax.pmap(step_fn, axis_name=AXIS_NAME, in_axes=(None, 0, None),
+                    out_axes=(None, None, 0))
 
 
-def pmap_init(init_fn):
-    """``init_fn(replicated_tree)`` run on every local device (e.g. an optimizer's init)."""
-    return jax.pmap(init_fn, axis_name=AXIS_NAME)
+def _replicated_sharding() -> jax.sharding.NamedSharding:
+    """One full copy on every local device: the sharding of pmap's unmapped arguments."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS_NAME,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def put_replicated(tree):
+    """Copies a host pytree onto every local device once, as the steps take it (no device
+    axis); a state placed so enters the pmapped steps without another copy."""
+    return jax.device_put(jax.tree.map(np.asarray, tree), _replicated_sharding())
+
+
+def init_replicated(init_fn):
+    """``init_fn(tree)`` (e.g. an optimizer's init) compiled to run on the devices, its result
+    placed like ``put_replicated``'s."""
+    return jax.jit(init_fn, out_shardings=_replicated_sharding())
 
 
 def shard(batch: dict) -> dict:
@@ -234,46 +267,19 @@ def _prefetch_in_thread(iterator: Iterator, size: int) -> Iterator[tuple[dict, o
         producer.join(timeout=10)
 
 
-def replicate(tree):
-    """Copies a host pytree onto every local device (leading device axis)."""
-    n = jax.local_device_count()
-    sharding = _device_axis_sharding()
+def global_arrays(tree):
+    """Device arrays of the state (``put_replicated`` or returned by a step) as global arrays
+    replicated over every device of every process, for orbax; no data is copied.
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(np.broadcast_to(x, (n,) + x.shape), sharding)
-
-    return jax.tree.map(put, tree)
-
-
-def _identity(tree):
-    return tree
-
-
-# pmap with an unmapped output: one compiled program for the whole tree (cached), no host copy.
-_unreplicated = jax.pmap(_identity, axis_name=AXIS_NAME, out_axes=None)
-
-
-def replicated_view(tree):
-    """The replicated pytree as arrays of the unreplicated shape, still on the devices.
-
-    The result is replicated over every device of every process (one full copy each), which
-    orbax saves (from one replica) as ordinary arrays, so no copy to the host is made here.
+    With one process they are that already. With several, pmap returns each process's arrays
+    on its own devices; their shards make the global array.
     """
+    if jax.process_count() == 1:
+        return tree
     mesh = jax.sharding.Mesh(np.array(jax.devices()), (AXIS_NAME,))
     everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def global_array(x):
-        # x is replicated over this process's devices; its shards make the global array.
-        return jax.make_array_from_single_device_arrays(
-            x.shape, everywhere, [s.data for s in x.addressable_shards])
-
-    return jax.tree.map(global_array, _unreplicated(tree))
-
-
-def first(tree):
-    """The first local replica, kept on device (no host transfer)."""
-    return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, everywhere, [s.data for s in x.addressable_shards]), tree)
 
 
 def any_process(flag: bool) -> bool:

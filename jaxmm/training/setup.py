@@ -195,20 +195,22 @@ def init_variables(config: ml_collections.ConfigDict, model, log=print,
 
 def replicated_state(model, tx, variables: dict, step: int = 0, opt_state=None,
                      ema: bool = False) -> steps.TrainState:
-    """A train state on every local device from host variables.
+    """A train state with one full copy on every local device, from host variables, as the
+    pmapped step takes it (``parallel.put_replicated``: no device axis).
 
     The optimizer state is the saved one when given, else ``tx.init`` run on the devices
     (no host round trip). With ``ema`` the weight average is ``variables["ema_params"]`` when
     given (a resume), else it starts at the parameters.
     """
-    params = parallel.replicate(variables["params"])
-    opt_state = (parallel.replicate(opt_state) if opt_state is not None
-                 else parallel.pmap_init(tx.init)(params))
+    params = parallel.put_replicated(variables["params"])
+    opt_state = (parallel.put_replicated(opt_state) if opt_state is not None
+                 else parallel.init_replicated(tx.init)(params))
     ema_params = None
     if ema:  # A separate device copy: the state is donated, and no buffer may appear twice.
-        ema_params = parallel.replicate(variables.get("ema_params", variables["params"]))
-    return steps.TrainState(step=parallel.replicate(np.asarray(step, np.int32)), params=params,
-                            batch_stats=parallel.replicate(variables["batch_stats"]),
+        ema_params = parallel.put_replicated(variables.get("ema_params", variables["params"]))
+    return steps.TrainState(step=parallel.put_replicated(np.asarray(step, np.int32)),
+                            params=params,
+                            batch_stats=parallel.put_replicated(variables["batch_stats"]),
                             opt_state=opt_state, apply_fn=model.apply, tx=tx,
                             ema_params=ema_params)
 

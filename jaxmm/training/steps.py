@@ -190,7 +190,8 @@ def train_step(state: TrainState, batch: dict, root_key: jax.Array, *, class_wei
         step=state.step + 1, params=params, ema_params=ema_params,
         # One pmean per step (XLA combines its tensors into one all-reduce on GPUs): identical
         # running averages on every replica, whether the layers shared their statistics
-        # (config.batchnorm_sync) or not.
+        # (config.batchnorm_sync) or not. The state leaves pmap unmapped (out_axes=None),
+        # which pmap takes on trust: everything in it must be equal on every device.
         batch_stats=jax.lax.pmean(batch_stats, axis_name), opt_state=opt_state)
     metrics = jax.lax.psum(sums, axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
