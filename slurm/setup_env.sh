@@ -11,6 +11,8 @@
 #                                       a node with internet access, compute nodes stay offline
 #   slurm/setup_env.sh tracking         optional: add experiment tracking (MLflow, W&B offline) from
 #                                       requirements-tracking.txt, for --config.tracking=mlflow|wandb
+#   slurm/setup_env.sh audit            optional: add the label audit's cleanlab from
+#                                       requirements-audit.txt, for python -m jaxmm.audit
 #
 # Environment variables (all optional):
 #   ENV_KIND   venv (default) or conda
@@ -125,6 +127,14 @@ tracking() {
   "$py" -c 'import mlflow, wandb; print(f"[setup_env] mlflow {mlflow.__version__}, wandb {wandb.__version__}: imports ok")'
 }
 
+audit() {
+  local py
+  py="$(env_python)"
+  log "installing requirements-audit.txt into $py"
+  "$py" -m pip install -q -r requirements-audit.txt
+  "$py" -c 'import cleanlab; print(f"[setup_env] cleanlab {cleanlab.__version__}: imports ok")'
+}
+
 cmd="${1:-install}"
 [ "$#" -gt 0 ] && shift
 case "$cmd" in
@@ -132,6 +142,7 @@ case "$cmd" in
   verify) verify ;;
   weights) weights "$@" ;;
   tracking) tracking ;;
+  audit) audit ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (install | verify | weights | tracking)" ;;
+  *) die "unknown command '$cmd' (install | verify | weights | tracking | audit)" ;;
 esac
