@@ -290,14 +290,19 @@ def _flatten(prefix: str, value) -> dict:
     return {prefix: value}
 
 
+# Where the exclusion file lies may change; what it excludes (its hash, counts) may not.
+_UNCOMPARED = ("exclusions.file",)
+
+
 def data_changes(saved: dict, current: dict) -> list[str]:
     """The differences between two data records, as "key: old -> new" lines (fingerprint last,
-    and only when nothing else tells what changed)."""
+    and only when nothing else tells what changed). The exclusions of ``config.exclude_file``
+    count as data: another list (SHA-256) is a change."""
     changes = []
-    for section in ("class_names", "num_examples", "counts", "options"):
+    for section in ("class_names", "num_examples", "counts", "options", "exclusions"):
         old, new = _flatten(section, saved.get(section)), _flatten(section, current.get(section))
         changes += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
+                    if old.get(k) != new.get(k) and k not in _UNCOMPARED]
     if not changes and saved.get("fingerprint") != current.get("fingerprint"):
         changes.append("the raw files (names, sizes or modification times; same counts): "
                        f"fingerprint {saved.get('fingerprint')} -> {current.get('fingerprint')}")
