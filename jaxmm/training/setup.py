@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 
 from jaxmm import models, paths
-from jaxmm.data import exclusions, pipeline, prepared, transforms
+from jaxmm.data import exclusions as exclusions_lib
+from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
 from jaxmm.evaluation import metrics
@@ -85,7 +86,7 @@ class Data:
     dataset_dir: str
     meta: dict
     sources: dict
-    exclusions: exclusions.Exclusions | None = None  # what config.exclude_file leaves out
+    exclusions: exclusions_lib.Exclusions | None = None  # what config.exclude_file leaves out
 
     @property
     def class_names(self) -> list:
@@ -117,8 +118,8 @@ def prepared_data(config: ml_collections.ConfigDict, log=None) -> Data:
     data = Data(dataset_dir, prepared.dataset_meta(dataset_dir),
                 pipeline.load_splits(dataset_dir))
     if config.get("exclude_file"):
-        data.exclusions = exclusions.load(config.exclude_file, data.sources, data.class_names)
-        data.sources["train"] = exclusions.Subset(data.sources["train"],
+        data.exclusions = exclusions_lib.load(config.exclude_file, data.sources, data.class_names)
+        data.sources["train"] = exclusions_lib.Subset(data.sources["train"],
                                                   data.exclusions.keep_index)
         (log or print)(data.exclusions.summary_line())
     return data
