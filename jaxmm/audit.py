@@ -30,6 +30,8 @@ def _parse(argv):
     p.add_argument("--stage", choices=("all", "plan", "score"), default="all")
     p.add_argument("--filter_by", default=None, help="cleanlab's filter_by (default: the "
                    "module's FILTER_BY)")
+    p.add_argument("--min_score", type=float, default=None,
+                   help="keep cleanlab's issues scoring at least this (1 - p(given label))")
     p.add_argument("--conflict_confidence", type=float, default=None,
                    help="both towers at least this sure for a cross-modal conflict")
     p.add_argument("--top", type=int, default=16, help="examples in label_issues.png")
@@ -61,7 +63,7 @@ def _main(argv=None) -> int:
         if audit.train_folds(args.audit_dir, runs, args.config, common, log) == "preempted":
             return EXIT_PREEMPTED
     for line in audit.write_report(args.audit_dir, args.filter_by, args.conflict_confidence,
-                                   args.top, log=log):
+                                   args.top, log=log, min_score=args.min_score):
         print(line)
     return 0
 

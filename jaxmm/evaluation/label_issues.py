@@ -29,11 +29,22 @@ CHECKS = ("label_issue", "cross_modal", "duplicate")
 # Defaults fixed on seeds 0-2 of benchmarks/label_audit.py (docs/evaluation.md) before seeds 3-5
 # were measured.
 FILTER_BY = "prune_by_noise_rate"  # cleanlab's rule for which off-diagonal examples to flag
+# Of cleanlab's issues, keep those whose score (1 - the probability of the given label) is at
+# least this: the audit's threshold.
+MIN_SCORE = 0.0
 CONFLICT_CONFIDENCE = 0.9  # both towers at least this sure for a cross-modal conflict
 
 
-def label_issue_check(labels, probs, filter_by: str = FILTER_BY) -> tuple[dict, np.ndarray]:
+def label_issue_check(labels, probs, filter_by: str = FILTER_BY, min_score: float = MIN_SCORE
+                      ) -> tuple[dict, np.ndarray]:
     """cleanlab's confident learning on out-of-sample probabilities.
+
+    Args:
+      labels: [N] given labels.
+      probs: [N, K] out-of-sample probabilities.
+      filter_by: cleanlab's ``find_label_issues`` rule.
+      min_score: of the issues cleanlab finds, keep those with a score (1 - cleanlab's
+        self-confidence label quality, i.e. 1 - p(given label)) at least this.
 
     Returns:
       ({index: (suggested class, score, detail)}, the estimated joint [K, K] of given (rows) and
@@ -49,7 +60,7 @@ def label_issue_check(labels, probs, filter_by: str = FILTER_BY) -> tuple[dict, 
     quality = cleanlab.rank.get_label_quality_scores(labels, probs)
     joint = cleanlab.count.estimate_joint(labels, probs)
     out = {}
-    for i in np.flatnonzero(flagged):
+    for i in np.flatnonzero(flagged & (1.0 - quality >= min_score)):
         other = probs[i].copy()
         other[labels[i]] = -1.0
         out[int(i)] = (int(other.argmax()), float(1.0 - quality[i]),
@@ -124,7 +135,8 @@ def within_split_copies(dataset_dir: str, sources: dict) -> dict:
 
 
 def run_checks(probs: dict, class_names: list, within: dict, filter_by: str = FILTER_BY,
-               confidence: float = CONFLICT_CONFIDENCE) -> tuple[list, dict]:
+               confidence: float = CONFLICT_CONFIDENCE, min_score: float = MIN_SCORE
+               ) -> tuple[list, dict]:
     """Every check on every split.
 
     Args:
@@ -142,7 +154,7 @@ def run_checks(probs: dict, class_names: list, within: dict, filter_by: str = FI
         checks = {}
         if "p_image+text" in d:
             checks["label_issue"], joint = label_issue_check(labels, d["p_image+text"],
-                                                             filter_by)
+                                                             filter_by, min_score)
             found["joint"][split] = joint
         if "p_image" in d and "p_text" in d:
             checks["cross_modal"] = cross_modal_check(labels, d["p_image"], d["p_text"],

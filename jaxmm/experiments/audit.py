@@ -267,7 +267,7 @@ def _fresh_probabilities(audit_dir: str, record: dict):
 
 
 def write_report(audit_dir: str, filter_by: str | None = None, confidence: float | None = None,
-                 top: int = 16, log=print) -> list[str]:
+                 top: int = 16, log=print, min_score: float | None = None) -> list[str]:
     """Scores the finished fold runs and writes label_issues.csv, summary.json and
     label_issues.png into the audit folder.
 
@@ -286,6 +286,7 @@ def write_report(audit_dir: str, filter_by: str | None = None, confidence: float
         raise WorkdirError(f"{audit_dir} has no readable {AUDIT_FILE}: run python -m jaxmm.audit "
                            "--config ... --audit_dir first")
     settings = {"filter_by": filter_by or label_issues.FILTER_BY,
+                "min_score": label_issues.MIN_SCORE if min_score is None else min_score,
                 "conflict_confidence": (label_issues.CONFLICT_CONFIDENCE if confidence is None
                                         else confidence), "folds": record["folds"]}
     probs = _fresh_probabilities(audit_dir, record)
@@ -295,7 +296,7 @@ def write_report(audit_dir: str, filter_by: str | None = None, confidence: float
     within = label_issues.within_split_copies(record["dataset_dir"], sources)
     class_names = list(record["class_names"])
     rows, found = label_issues.run_checks(probs, class_names, within, settings["filter_by"],
-                                          settings["conflict_confidence"])
+                                          settings["conflict_confidence"], settings["min_score"])
     out = {n: os.path.join(audit_dir, f) for n, f in (
         ("csv", label_issues.ISSUES_FILE), ("summary", label_issues.SUMMARY_FILE),
         ("png", label_issues.GALLERY_FILE))}
