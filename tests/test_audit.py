@@ -21,6 +21,7 @@ from jaxmm.data import exclusions, synthetic
 from jaxmm.errors import ConfigError
 from jaxmm.evaluation import label_issues
 from jaxmm.experiments import audit
+from jaxmm.trained.workdir import data_changes
 from tests import support
 
 CLASSES = list(synthetic.CLASSES)
@@ -74,6 +75,12 @@ def test_exclusion_file_resolution(tmp_path):
     assert ex.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "1 Train example(s) left out, 3 kept; 2 row(s) of other splits ignored" in \
         ex.summary_line()
+    plain = {"class_names": CLASSES}  # run records' data: another list is a data change
+    with_list = {**plain, "exclusions": ex.record()}
+    assert data_changes(plain, plain) == [] and len(data_changes(plain, with_list)) == 1
+    assert "exclusions.sha256" in data_changes(plain, with_list)[0]
+    assert data_changes(with_list, {**plain, "exclusions": {**ex.record(), "file": "/x.csv"}}) \
+        == []  # the same list moved elsewhere
     files.write_csv(str(path), [{"file": "T/TTR/d.png"}], ["file"])
     with pytest.raises(ConfigError, match="would leave no Train example of class 'TTR'"):
         exclusions.resolve(str(path), _names(), [0, 1, 1, 3], CLASSES)

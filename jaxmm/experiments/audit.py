@@ -80,8 +80,10 @@ def check_folds(fold, labels, num_folds: int, class_names: list) -> None:
 def _write_if_changed(path: str, rows: list, columns: list) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     files.write_csv(tmp, rows, columns)
-    with open(tmp, "rb") as new:
-        same = os.path.isfile(path) and open(path, "rb").read() == new.read()
+    same = False
+    if os.path.isfile(path):
+        with open(tmp, "rb") as new, open(path, "rb") as old:
+            same = old.read() == new.read()
     if same:  # an unchanged file keeps its time stamp (the fold runs record its hash anyway)
         os.remove(tmp)
     else:
@@ -102,6 +104,10 @@ def plan(config_file: str, common_args: list, audit_dir: str, num_folds: int,
     if config.get("exclude_file"):
         raise ConfigError(f"config.exclude_file={config.exclude_file!r}: the audit sets it for "
                           "each fold run; audit without it (review its list in the output)")
+    old = files.read_json(os.path.join(audit_dir, AUDIT_FILE))
+    if old and old.get("folds") != num_folds:
+        raise ConfigError(f"{os.path.join(audit_dir, AUDIT_FILE)} has {old.get('folds')} folds, "
+                          f"not {num_folds}: use a new --audit_dir for another fold count")
     from jaxmm.training import setup as setup_lib
 
     setup_lib.validate_config(config)
@@ -122,10 +128,6 @@ def plan(config_file: str, common_args: list, audit_dir: str, num_folds: int,
     record = {"config": os.path.abspath(config_file), "common_args": list(common_args),
               "folds": num_folds, "seed": config.seed, "class_names": data.class_names,
               "dataset_dir": data.dataset_dir, "runs": [r.name for r in runs]}
-    old = files.read_json(os.path.join(audit_dir, AUDIT_FILE))
-    if old and old.get("folds") != num_folds:
-        raise ConfigError(f"{os.path.join(audit_dir, AUDIT_FILE)} has {old.get('folds')} folds, "
-                          f"not {num_folds}: use a new --audit_dir for another fold count")
     sweep.write_manifest(audit_dir, config_file, os.path.join(audit_dir, AUDIT_FILE),
                          common_args, runs)
     files.write_json(os.path.join(audit_dir, AUDIT_FILE), record)
@@ -259,10 +261,9 @@ def _fresh_probabilities(audit_dir: str, record: dict):
     path = os.path.join(audit_dir, PROBS_FILE)
     if not os.path.isfile(path):
         return None
-    newest = max(os.path.getmtime(os.path.join(audit_dir, n, paths.SUMMARY_FILE))
-                 for n in record["runs"]
-                 if os.path.isfile(os.path.join(audit_dir, n, paths.SUMMARY_FILE))) \
-        if record["runs"] else 0.0
+    newest = max((os.path.getmtime(os.path.join(audit_dir, n, paths.SUMMARY_FILE))
+                  for n in record["runs"]
+                  if os.path.isfile(os.path.join(audit_dir, n, paths.SUMMARY_FILE))), default=0.0)
     return load_probabilities(audit_dir) if os.path.getmtime(path) >= newest else None
 
 
@@ -305,7 +306,7 @@ def write_report(audit_dir: str, filter_by: str | None = None, confidence: float
                                    fold_runs(audit_dir, record))
     files.write_json(out["summary"], summary)
     index = {split: {n: i for i, n in enumerate(d["file"])} for split, d in probs.items()}
-    label_issues.gallery(rows, lambda r: transforms_image(sources[r["split"]][
+    label_issues.gallery(rows, lambda r: _stored_image(sources[r["split"]][
         index[r["split"]][r["file"]]]), out["png"], top)
     lines = [f"{split}: {s['flagged']} of {s['examples']} flagged ("
              + ", ".join(f"{c} {n}" for c, n in s["per_check"].items()) + ")"
@@ -317,7 +318,7 @@ def write_report(audit_dir: str, filter_by: str | None = None, confidence: float
         f"retrain without the flagged Train examples: --config.exclude_file={out['csv']}"]
 
 
-def transforms_image(record):
+def _stored_image(record):
     """A record's stored image as a PIL image (for the gallery)."""
     from jaxmm.data import transforms
 
