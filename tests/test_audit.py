@@ -239,7 +239,8 @@ def test_fold_runs_train_on_the_other_folds(audited):
 
 
 def test_rerun_skips_finished_folds_and_compare_lists_them(audited):
-    d, prepared = audited["dir"], audited["tmp"] / "prepared"
+    d = audited["dir"]
+    prepared = paths.dataset_path(str(audited["tmp"] / "prepared"))  # records, meta, tokenizer
     prepared_before = _snapshot(prepared)
     out = subprocess.run(
         [sys.executable, "-m", "jaxmm.audit", "--config", "configs/demo.py", "--audit_dir",
@@ -273,13 +274,13 @@ def test_resume_with_another_exclusion_list_is_refused(audited):
 
 def test_bad_audit_input_is_one_line_before_training(audited, tmp_path):
     base = [sys.executable, "-m", "jaxmm.audit", "--config", "configs/demo.py", "--audit_dir"]
-    out = subprocess.run([*base, str(tmp_path / "a"), "--folds", "9", "--", *audited["flags"]],
+    out = subprocess.run([*base, str(tmp_path / "a"), "--folds", "30", "--", *audited["flags"]],
                          cwd=support.REPO,
                          env=support.env(1), capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 1
     line = out.stderr.strip().splitlines()[-1]
-    assert re.search(r"class '\w+' has \d Train example\(s\), fewer than the 9 folds", line)
+    assert re.search(r"class '\w+' has \d+ Train example\(s\), fewer than the 30 folds", line)
     assert not (tmp_path / "a" / "fold0").exists()
     bad = tmp_path / "bad.csv"
     files.write_csv(str(bad), [{"file": "CVPR_2024_dataset_Train/Blue/nothing.png"}], ["file"])
