@@ -130,3 +130,6 @@ def test_pair_search_is_fast_at_real_size():
     start = time.perf_counter()
     assert dedup.find_duplicates(hashes)["pairs"] == []  # random 63-bit hashes are far apart
     assert time.perf_counter() - start < 20  # ~2 s on 2 busy cores
+    start = time.perf_counter()
+    assert dedup.find_within(hashes)["pairs"] == []  # the same search inside each split
+    assert time.perf_counter() - start < 20
