@@ -38,6 +38,17 @@ MIN_SCORE = 0.9
 CONFLICT_CONFIDENCE = 0.7
 
 
+def require_cleanlab() -> None:
+    """Raises a one-line ConfigError when the optional cleanlab is not installed."""
+    import importlib.util
+
+    from jaxmm.errors import ConfigError
+
+    if importlib.util.find_spec("cleanlab") is None:
+        raise ConfigError("the label audit needs cleanlab: pip install -r requirements-audit.txt "
+                          "(or pip install 'jaxmm[audit]', or slurm/setup_env.sh audit)")
+
+
 def label_issue_check(labels, probs, filter_by: str = FILTER_BY, min_score: float = MIN_SCORE
                       ) -> tuple[dict, np.ndarray]:
     """cleanlab's confident learning on out-of-sample probabilities.
@@ -53,6 +64,7 @@ def label_issue_check(labels, probs, filter_by: str = FILTER_BY, min_score: floa
       ({index: (suggested class, score, detail)}, the estimated joint [K, K] of given (rows) and
       true label).
     """
+    require_cleanlab()
     import cleanlab.count
     import cleanlab.filter
     import cleanlab.rank

@@ -100,6 +100,9 @@ def plan(config_file: str, common_args: list, audit_dir: str, num_folds: int,
     Raises:
       ConfigError: bad config, too few examples for the folds, or an exclude_file set.
     """
+    from jaxmm.evaluation import label_issues
+
+    label_issues.require_cleanlab()  # before any fold trains, not after
     config = sweep.parse_config(config_file, common_args)
     if config.get("exclude_file"):
         raise ConfigError(f"config.exclude_file={config.exclude_file!r}: the audit sets it for "
