@@ -80,7 +80,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Checks the config, prepares the data (once), loads the tokenizer, builds the model and
     optimizer (no variables yet: a resume never initialises them)."""
     setup_lib.validate_config(config)
-    data = setup_lib.prepared_data(config, log=logging.info)
+    data = setup_lib.prepared_data(config)
     tokenizer = setup_lib.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
     # Train as the run sees it: without the examples config.exclude_file leaves out.
     steps_per_epoch, total_steps = setup_lib.schedule_lengths(config, len(data.sources["train"]))

@@ -7,6 +7,7 @@ from training.
 
 import dataclasses
 import functools
+import logging
 import os
 
 import jax
@@ -113,7 +114,8 @@ class Data:
 
 def prepared_data(config: ml_collections.ConfigDict, log=None) -> Data:
     """Prepares the configured dataset once (every process may call it) and opens it; with
-    ``config.exclude_file``, Train is a view without the listed examples (``exclusions``)."""
+    ``config.exclude_file``, Train is a view without the listed examples (``exclusions``),
+    which ``log`` (default: the project's logger) reports in one line."""
     dataset_dir = prepared.ensure_prepared(config)
     data = Data(dataset_dir, prepared.dataset_meta(dataset_dir),
                 pipeline.load_splits(dataset_dir))
@@ -121,7 +123,7 @@ def prepared_data(config: ml_collections.ConfigDict, log=None) -> Data:
         data.exclusions = exclusions_lib.load(config.exclude_file, data.sources, data.class_names)
         data.sources["train"] = exclusions_lib.Subset(data.sources["train"],
                                                   data.exclusions.keep_index)
-        (log or print)(data.exclusions.summary_line())
+        (log or logging.getLogger("jaxmm").info)(data.exclusions.summary_line())
     return data
 
 
