@@ -27,6 +27,11 @@ def get_config():
     c.tokenizer_vocab_size = 1000  # Only used when tokenizer == "" (a WordPiece trained on Train).
     c.color_jitter = 0.0  # Strength of brightness/contrast/saturation jitter in training; 0 = off.
     c.num_workers = 4  # Grain worker processes for the training pipeline; 0 = in-process.
+    # CSV of Train examples to train without (a `file` column as in the audit's
+    # label_issues.csv; rows whose optional `keep` column is 1/true are kept; rows of Val/Test
+    # are ignored). "" = all of Train. The data is never changed; the run records the file's
+    # SHA-256, and a resume with another list is refused like a data change.
+    c.exclude_file = ""
 
     # Synthetic look-alike data (for demos and tests); generated into data_dir when enabled.
     c.demo = ml_collections.ConfigDict()

@@ -13,6 +13,8 @@
 #                                       requirements-tracking.txt, for --config.tracking=mlflow|wandb
 #   slurm/setup_env.sh serve            optional: add the HTTP server (python -m jaxmm.serve,
 #                                       slurm/serve.sh) from requirements-serve.txt
+#   slurm/setup_env.sh audit            optional: add the label audit's cleanlab from
+#                                       requirements-audit.txt, for python -m jaxmm.audit
 #
 # Environment variables (all optional):
 #   ENV_KIND   venv (default) or conda
@@ -135,6 +137,14 @@ serve() {
   "$py" -c 'import fastapi, uvicorn, multipart, prometheus_client; print(f"[setup_env] fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}: imports ok")'
 }
 
+audit() {
+  local py
+  py="$(env_python)"
+  log "installing requirements-audit.txt into $py"
+  "$py" -m pip install -q -r requirements-audit.txt
+  "$py" -c 'import cleanlab; print(f"[setup_env] cleanlab {cleanlab.__version__}: imports ok")'
+}
+
 cmd="${1:-install}"
 [ "$#" -gt 0 ] && shift
 case "$cmd" in
@@ -143,6 +153,7 @@ case "$cmd" in
   weights) weights "$@" ;;
   tracking) tracking ;;
   serve) serve ;;
+  audit) audit ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (install | verify | weights | tracking | serve)" ;;
+  *) die "unknown command '$cmd' (install | verify | weights | tracking | serve | audit)" ;;
 esac

@@ -95,3 +95,28 @@ def test_cli(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path), "--per_class", "4", "--max_side", "32"])
     assert "wrote" in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "CVPR_2024_dataset_Val" / "TTR")
+
+
+def test_label_noise_flips_a_fraction_of_train_and_writes_the_truth(tmp_path):
+    clean = synthetic.generate(str(tmp_path / "clean"), per_class=15, seed=4, max_side=48,
+                               workers=1)
+    noisy = synthetic.generate(str(tmp_path / "noisy"), per_class=15, seed=4, max_side=48,
+                               workers=1, label_noise=0.2)
+    with open(os.path.join(noisy, synthetic.TRUTH_FILE), newline="", encoding="utf-8") as f:
+        truth = list(csv.DictReader(f))
+    train = _files(clean, "Train")
+    assert len(truth) == round(0.2 * len(train)) > 0
+    assert not os.path.exists(os.path.join(clean, synthetic.TRUTH_FILE))
+    for row in truth:  # filed under another class, the pixels are those of the true class
+        assert row["given"] != row["true"] and row["file"].split("/")[1] == row["given"]
+        name = row["file"].split("/")[2]
+        with Image.open(os.path.join(noisy, row["file"])) as a, \
+                Image.open(os.path.join(clean, "CVPR_2024_dataset_Train", row["true"],
+                                        name.replace("_x", ""))) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert len(_files(noisy, "Train")) == len(train)  # moved, none lost or added
+    for split in ("Val", "Test"):  # only Train is touched
+        assert [f[:2] for f in _files(noisy, split)] == [f[:2] for f in _files(clean, split)]
+    again = synthetic.generate(str(tmp_path / "again"), per_class=15, seed=4, max_side=48,
+                               workers=1, label_noise=0.2)
+    assert _digest(again) == _digest(noisy)

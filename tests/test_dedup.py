@@ -62,6 +62,10 @@ def test_find_duplicates_pairs_only_across_splits():
     assert dedup.files_with_copy_in(d, "test", "train") == {"s/a.bmp"}
     assert "2 exact, 3 near" in dedup.summary_line(d)
     assert dedup.find_duplicates({"train": hashes["train"]})["pairs"] == []  # same split
+    within = dedup.find_within(hashes, max_distance=2)  # copies inside one split
+    assert [(p["kind"], p["split"], *p["files"]) for p in within["pairs"]] == [
+        ("exact", "train", "t/a.png", "t/a2.png")]
+    assert within["counts"] == {"train": 1} and "train 1" in dedup.within_line(within)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +74,20 @@ def raw_planted(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("planted") / "raw")
     synthetic.generate(root, per_class=20, seed=2, max_side=96, workers=1)
     train = os.path.join(root, "CVPR_2024_dataset_Train", "Blue")
-    a, b = sorted(f for f in os.listdir(train) if f.endswith(".png"))[:2]
+    a, b, c = sorted(f for f in os.listdir(train) if f.endswith(".png"))[:3]
     with Image.open(os.path.join(train, a)) as im:  # same pixels, another format and name
         im.convert("RGB").save(os.path.join(root, "CVPR_2024_dataset_Test", "Blue", "copy.bmp"))
     with Image.open(os.path.join(train, b)) as im:  # resized to 70 % and re-encoded
         _copy(im, 0.7, 75).save(os.path.join(root, "CVPR_2024_dataset_Val", "Green", "near.jpg"))
-    return root, f"CVPR_2024_dataset_Train/Blue/{a}", f"CVPR_2024_dataset_Train/Blue/{b}"
+    with Image.open(os.path.join(train, c)) as im:  # a near copy in Train under another label
+        _copy(im, 0.8, 80).save(os.path.join(root, "CVPR_2024_dataset_Train", "Green",
+                                             "c_copy.jpg"))
+    return root, f"CVPR_2024_dataset_Train/Blue/{a}", f"CVPR_2024_dataset_Train/Blue/{b}", \
+        f"CVPR_2024_dataset_Train/Blue/{c}"
 
 
 def test_prepare_reports_planted_copies_and_nothing_else(raw_planted, tmp_path):
-    raw, exact_src, near_src = raw_planted
+    raw, exact_src, near_src, within_src = raw_planted
     logs = []
     ds_dir, _ = prepared.prepare(raw, str(tmp_path / "out"), stored_image_size=48, workers=1,
                                  log=logs.append)
@@ -91,6 +99,9 @@ def test_prepare_reports_planted_copies_and_nothing_else(raw_planted, tmp_path):
         ("near", "train", "validation", near_src, "CVPR_2024_dataset_Val/Green/near.jpg")}
     assert all(0 <= p["distance"] <= dedup.MAX_DISTANCE for p in dups["pairs"])
     assert any("1 exact, 1 near" in line for line in logs[-1].splitlines())
+    within = {(p["kind"], p["split"], *p["files"]) for p in dups["within"]["pairs"]}
+    assert within == {("near", "train", within_src, "CVPR_2024_dataset_Train/Green/c_copy.jpg")}
+    assert dups["within"]["counts"] == {"train": 1}
     with open(os.path.join(ds_dir, paths.META_FILE), encoding="utf-8") as f:
         assert json.load(f)["duplicates"] == dups
 
@@ -100,11 +111,13 @@ def test_no_copies_reported_without_planted_ones(raw_planted, tmp_path):
     shutil.copytree(raw_planted[0], raw)
     os.remove(os.path.join(raw, "CVPR_2024_dataset_Test", "Blue", "copy.bmp"))
     os.remove(os.path.join(raw, "CVPR_2024_dataset_Val", "Green", "near.jpg"))
+    os.remove(os.path.join(raw, "CVPR_2024_dataset_Train", "Green", "c_copy.jpg"))
     prepared.prepare(raw, str(tmp_path / "out"), stored_image_size=48, workers=1,
                      log=lambda s: None)
     with open(tmp_path / "out" / paths.REPORT_FILE, encoding="utf-8") as f:
         report = json.load(f)
     assert report["duplicates"]["pairs"] == [] and sum(report["num_examples"].values()) > 120
+    assert report["duplicates"]["within"] == {"counts": {}, "pairs": []}
 
 
 def test_pair_search_is_fast_at_real_size():
@@ -117,3 +130,6 @@ def test_pair_search_is_fast_at_real_size():
     start = time.perf_counter()
     assert dedup.find_duplicates(hashes)["pairs"] == []  # random 63-bit hashes are far apart
     assert time.perf_counter() - start < 20  # ~2 s on 2 busy cores
+    start = time.perf_counter()
+    assert dedup.find_within(hashes)["pairs"] == []  # the same search inside each split
+    assert time.perf_counter() - start < 20

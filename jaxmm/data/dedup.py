@@ -6,9 +6,11 @@ image, so it costs no extra pass over the data and well under a millisecond per 
   files, whatever their format or name);
 - a 64-bit *perceptual* hash of the stored image (DCT of a 32x32 grey thumbnail, low frequencies
   against their median), which survives resizing and re-encoding, and a 16x16 RGB thumbnail.
-Two images of different splits are a near copy when their perceptual hashes differ in at most
+Two images are a near copy when their perceptual hashes differ in at most
 ``MAX_DISTANCE`` bits and their thumbnails differ by at most ``MAX_RMS`` grey levels (root mean
 square); the thumbnail check removes the look-alikes a grey 64-bit hash cannot tell apart.
+Copies across splits inflate test scores; copies within a split (``find_within``) matter when
+they carry different labels, which the label audit reports.
 
 This module imports only NumPy and PIL: the decode workers import it.
 """
@@ -146,6 +148,30 @@ def find_duplicates(hashes: dict[str, list[tuple]], max_distance: int = MAX_DIST
             "near": len(pairs) - exact, "counts": counts, "pairs": pairs}
 
 
+def find_within(hashes: dict[str, list[tuple]], max_distance: int = MAX_DISTANCE,
+                max_rms: float = MAX_RMS) -> dict:
+    """Pairs of images of the same split that are exact or near copies of each other.
+
+    Args:
+      hashes: as for ``find_duplicates``.
+
+    Returns:
+      dict(counts={split: n}, pairs=[dict(kind, split, files=[a, b], distance, rms)]), a before
+      b in the split's order.
+    """
+    pairs, counts = [], {}
+    for split in [s for s in SPLIT_ORDER if s in hashes] + sorted(set(hashes) - set(SPLIT_ORDER)):
+        h = hashes[split]
+        found = {k: v for k, v in (_split_pairs(h, h, max_distance, max_rms) if h else {}).items()
+                 if k[0] < k[1]}
+        for (i, j), (kind, d, rms) in sorted(found.items()):
+            pairs.append({"kind": kind, "split": split, "files": [h[i][0], h[j][0]],
+                          "distance": d, "rms": round(rms, 2)})
+        if found:
+            counts[split] = len(found)
+    return {"counts": counts, "pairs": pairs}
+
+
 def summary_line(duplicates: dict) -> str:
     """One line about the cross-split copies of a prepare report."""
     if not duplicates["pairs"]:
@@ -153,6 +179,12 @@ def summary_line(duplicates: dict) -> str:
     per = ", ".join(f"{k} {n}" for k, n in duplicates["counts"].items())
     return (f"  duplicates across splits: {duplicates['exact']} exact, {duplicates['near']} near "
             f"(distance <= {duplicates['max_distance']}): {per}; pairs in the report")
+
+
+def within_line(within: dict) -> str:
+    """One line about the copies within splits (``find_within``)."""
+    per = ", ".join(f"{k} {n}" for k, n in within["counts"].items()) or "none"
+    return f"  copies within a split: {per} (the label audit reports those with other labels)"
 
 
 def files_with_copy_in(duplicates: dict, split: str, other: str) -> set[str]:

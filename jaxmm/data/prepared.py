@@ -127,7 +127,7 @@ def _report(scan: builder_lib.Scan, b: builder_lib.GarbageDataset, options: dict
         "num_examples": {k: sum(v.values()) for k, v in counts.items()},
         "skipped": scan.skipped + b.skipped,
         "text_sources": scan.text_counts, "warnings": scan.warnings,
-        "duplicates": dedup.find_duplicates(b.hashes),
+        "duplicates": {**dedup.find_duplicates(b.hashes), "within": dedup.find_within(b.hashes)},
         "seconds": round(seconds, 1),
     }
 
@@ -219,6 +219,8 @@ def summary(report: dict, ds_dir: str) -> str:
     lines.append(f"  skipped {len(report['skipped'])} files (reasons in {paths.REPORT_FILE})")
     if "duplicates" in report:
         lines.append(dedup.summary_line(report["duplicates"]))
+        if "within" in report["duplicates"]:
+            lines.append(dedup.within_line(report["duplicates"]["within"]))
     return "\n".join(lines)
 
 

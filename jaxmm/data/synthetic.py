@@ -8,6 +8,13 @@ correlate with the class so an image-only model beats chance. Deterministic for 
 only into a new or empty folder (never among files of a real dataset).
 
     python -m jaxmm.data.synthetic --out DIR [--per_class N] [--seed S] [--max_side PX]
+        [--label_noise P]
+
+With ``--label_noise P`` a fraction P of the Train files (chosen deterministically from the
+seed) is drawn and described as one class and filed under another: wrong labels, as people
+sorting photos into bins make them. Which files were flipped is written to
+``TRUTH_FILE`` (file, given, true) beside the split folders; jaxmm itself never reads it (the
+label-audit measurement in benchmarks/ does).
 """
 
 import argparse
@@ -58,6 +65,7 @@ _FOREIGN_ROOT = "/cluster/courses/ml645/garbage_data"
 # then misleads). With these rates a model needs both towers to do well.
 _STYLE_NOISE = 0.35
 _TEXT_NOISE = 0.12
+TRUTH_FILE = "label_noise_truth.csv"  # written with --label_noise; never read by jaxmm
 
 
 def class_counts(per_class: int, split: str) -> list[int]:
@@ -113,6 +121,38 @@ def _plan(per_class: int, seed: int, max_side: int) -> list[tuple]:
     return plan
 
 
+def flip_labels(plan: list[tuple], fraction: float, seed: int) -> tuple[list[tuple], list]:
+    """Files a deterministic ``fraction`` of the Train entries of ``plan`` under another class.
+
+    The image and the text stay those of the true class (entry index 1 becomes the folder's
+    class, and the true class is appended to the entry).
+
+    Returns:
+      (new plan, [dict(file, given, true)] of the flipped Train files).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise PrepareError(f"--label_noise {fraction}: a fraction in [0, 1)")
+    rng = np.random.default_rng([seed, 7])
+    train = [i for i, p in enumerate(plan) if p[0] == "Train"]
+    chosen = set(rng.choice(train, size=round(fraction * len(train)), replace=False).tolist())
+    used = {(p[0], p[1], p[2]) for p in plan}
+    out, truth = [], []
+    for i, (split, cls, name, *rest) in enumerate(plan):
+        given = cls
+        if i in chosen:
+            given = CLASSES[(CLASSES.index(cls) + int(rng.integers(1, len(CLASSES))))
+                            % len(CLASSES)]
+            stem, ext = os.path.splitext(name)
+            while (split, given, name) in used:  # never clash with a name in the other folder
+                stem += "_x"
+                name = stem + ext
+            used.add((split, given, name))
+            truth.append({"file": f"CVPR_2024_dataset_{split}/{given}/{name}", "given": given,
+                          "true": cls})
+        out.append((split, given, name, *rest, cls))
+    return out, truth
+
+
 def render(cls: str, seed: int, size: tuple[int, int]) -> Image.Image:
     """A photo-like RGB image whose object colour and shape depend on the class.
 
@@ -149,8 +189,8 @@ def render(cls: str, seed: int, size: tuple[int, int]) -> Image.Image:
 
 def _write_one(args: tuple) -> None:
     """Pool worker: renders and saves one planned file."""
-    out_dir, (split, cls, name, _, img_seed, size, rgba) = args
-    img = render(cls, img_seed, size)
+    out_dir, (split, cls, name, _, img_seed, size, rgba, *true) = args
+    img = render(true[0] if true else cls, img_seed, size)
     path = os.path.join(out_dir, f"CVPR_2024_dataset_{split}", cls, name)
     if name.endswith(".jpg"):
         img.save(path, quality=90)
@@ -189,7 +229,7 @@ def check_target(out_dir: str) -> None:
 
 
 def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1024,
-             workers: int | None = None) -> str:
+             workers: int | None = None, label_noise: float = 0.0) -> str:
     """Writes the synthetic dataset into a new or empty folder.
 
     The files are written into a sibling folder first and renamed to out_dir at the end, so an
@@ -201,6 +241,8 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
       seed: generation seed; equal seeds give identical files.
       max_side: longest image side in pixels.
       workers: processes used to render (default: all cores).
+      label_noise: fraction of Train files filed under a wrong class (``flip_labels``); the
+        truth goes to ``TRUTH_FILE``.
 
     Returns:
       out_dir.
@@ -212,6 +254,8 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
     final, out_dir = out_dir, f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
     shutil.rmtree(out_dir, ignore_errors=True)
     plan = _plan(per_class, seed, max_side)
+    if label_noise:
+        plan, truth = flip_labels(plan, label_noise, seed)
     for split in SPLITS:
         for cls in CLASSES:
             os.makedirs(os.path.join(out_dir, f"CVPR_2024_dataset_{split}", cls), exist_ok=True)
@@ -224,6 +268,8 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
         for t in tasks:
             _write_one(t)
     _write_captions(out_dir, plan, seed)
+    if label_noise:
+        files.write_csv(os.path.join(out_dir, TRUTH_FILE), truth, ["file", "given", "true"])
     os.replace(out_dir, final)  # also replaces an empty folder
     return final
 
@@ -235,9 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per_class", type=int, default=40, help="average Train files per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_side", type=int, default=1024, help="longest side in pixels")
+    parser.add_argument("--label_noise", type=float, default=0.0,
+                        help=f"fraction of Train files filed under a wrong class (truth in "
+                             f"{TRUTH_FILE})")
     args = parser.parse_args(argv)
-    generate(args.out, args.per_class, args.seed, args.max_side)
-    print(f"wrote {len(_plan(args.per_class, args.seed, args.max_side))} images to {args.out}")
+    generate(args.out, args.per_class, args.seed, args.max_side, label_noise=args.label_noise)
+    print(f"wrote {len(_plan(args.per_class, args.seed, args.max_side))} images to {args.out}"
+          + (f"; wrong Train labels listed in {TRUTH_FILE}" if args.label_noise else ""))
 
 
 if __name__ == "__main__":

@@ -315,12 +315,18 @@ def _whole(value) -> bool:
 
 def data_changes(saved: dict, current: dict) -> list[str]:
     """The differences between two data records, as "key: old -> new" lines (fingerprint last,
-    and only when nothing else tells what changed)."""
+    and only when nothing else tells what changed). The exclusions of ``config.exclude_file``
+    count as data: another list (SHA-256) is a change; the same list moved elsewhere is not."""
     changes = []
     for section in ("class_names", "num_examples", "counts", "options"):
         old, new = _flatten(section, saved.get(section)), _flatten(section, current.get(section))
         changes += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                     if old.get(k) != new.get(k)]
+    old, new = saved.get("exclusions") or {}, current.get("exclusions") or {}
+    if old.get("sha256") != new.get("sha256"):  # what a list excludes follows from its bytes
+        changes.append(f"exclusions.sha256 (config.exclude_file): {old.get('sha256')} "
+                       f"({old.get('file') or 'no file'}) -> {new.get('sha256')} "
+                       f"({new.get('file') or 'no file'})")
     if not changes and saved.get("fingerprint") != current.get("fingerprint"):
         changes.append("the raw files (names, sizes or modification times; same counts): "
                        f"fingerprint {saved.get('fingerprint')} -> {current.get('fingerprint')}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmm.data import pipeline, prepared
+from jaxmm.data import pipeline
 from jaxmm.errors import DivergedError
 from jaxmm.evaluation import calibration, scoring
 from jaxmm.experiments import tracking
@@ -84,10 +84,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     setup_lib.validate_config(config)
     data = setup_lib.prepared_data(config)
     tokenizer = setup_lib.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
-    steps_per_epoch, total_steps = setup_lib.schedule_lengths(config, data.num_examples["train"])
+    # Train as the run sees it: without the examples config.exclude_file leaves out.
+    steps_per_epoch, total_steps = setup_lib.schedule_lengths(config, len(data.sources["train"]))
     model = setup_lib.make_model(config, len(data.class_names), len(tokenizer))
     tx = setup_lib.make_optimizer(config, model, steps_per_epoch, total_steps)
-    weights = setup_lib.class_weights(config, data.class_names, data.meta["counts"]["train"])
+    weights = setup_lib.class_weights(config, data.class_names, data.train_counts)
     return Setup(data, tokenizer, model, tx, weights, steps_per_epoch, total_steps)
 
 
@@ -292,7 +293,7 @@ def _start(config, workdir: str) -> "_Run":
     wd = Workdir(workdir)
     resuming = (checkpointing.available(workdir)["latest"] is not None
                 or config.resume_step >= 0)
-    data = prepared.data_record(setup.data.dataset_dir, setup.data.meta)
+    data = setup.data.data_record()
     if resuming:
         wd.check_resume(data, config.allow_data_change)
     run = _Run(config, workdir, setup)

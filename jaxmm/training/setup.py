@@ -7,6 +7,7 @@ from training.
 
 import dataclasses
 import functools
+import logging
 import os
 
 import jax
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxmm import models, paths
+from jaxmm.data import exclusions as exclusions_lib
 from jaxmm.data import pipeline, prepared, transforms
 from jaxmm.data import tokenizer as tokenizer_lib
 from jaxmm.errors import ConfigError
@@ -94,6 +96,7 @@ class Data:
     dataset_dir: str
     meta: dict
     sources: dict
+    exclusions: exclusions_lib.Exclusions | None = None  # what config.exclude_file leaves out
 
     @property
     def class_names(self) -> list:
@@ -103,12 +106,34 @@ class Data:
     def num_examples(self) -> dict:
         return dict(self.meta["num_examples"])
 
+    @property
+    def train_counts(self) -> dict:
+        """class -> Train examples the run trains on (what the exclusions keep)."""
+        if self.exclusions is not None:
+            return dict(self.exclusions.kept_counts)
+        return dict(self.meta["counts"]["train"])
 
-def prepared_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepares the configured dataset once (every process may call it) and opens it."""
+    def data_record(self) -> dict:
+        """The run record's ``data``: the prepared dataset and the exclusions applied to it."""
+        record = prepared.data_record(self.dataset_dir, self.meta)
+        if self.exclusions is not None:
+            record["exclusions"] = self.exclusions.record()
+        return record
+
+
+def prepared_data(config: ml_collections.ConfigDict, log=None) -> Data:
+    """Prepares the configured dataset once (every process may call it) and opens it; with
+    ``config.exclude_file``, Train is a view without the listed examples (``exclusions``),
+    which ``log`` (default: the project's logger) reports in one line."""
     dataset_dir = prepared.ensure_prepared(config)
-    return Data(dataset_dir, prepared.dataset_meta(dataset_dir),
+    data = Data(dataset_dir, prepared.dataset_meta(dataset_dir),
                 pipeline.load_splits(dataset_dir))
+    if config.get("exclude_file"):
+        data.exclusions = exclusions_lib.load(config.exclude_file, data.sources, data.class_names)
+        data.sources["train"] = exclusions_lib.Subset(data.sources["train"],
+                                                  data.exclusions.keep_index)
+        (log or logging.getLogger("jaxmm").info)(data.exclusions.summary_line())
+    return data
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, dataset_dir: str, wd=None):
