@@ -206,6 +206,21 @@ def cluster_problem() -> str | None:
     return None if nodes else "no idle Slurm node"
 
 
+def require_cluster() -> None:
+    """Skips the Slurm tests where no Slurm is expected; fails where it is (in CI, or as root
+    with Slurm installed: .ci/slurm_up.sh starts a cluster there), so that a broken set-up
+    cannot pass as a skip."""
+    import pytest
+
+    problem = cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") or (os.geteuid() == 0 and shutil.which("sbatch")):
+        pytest.fail(f"Slurm is expected here (CI, or root with Slurm installed): {problem}",
+                    pytrace=False)
+    pytest.skip(problem)
+
+
 class Cluster:
     """Submits jobs from the repository root and cancels leftovers at the end."""
 
