@@ -203,10 +203,11 @@ def cluster_problem() -> str | None:
     if missing:
         return f"Slurm commands not found: {', '.join(missing)} (.ci/slurm_up.sh installs them)"
     try:
-        nodes = run_quiet(["sinfo", "-h", "-t", "idle", "-o", "%n"]).split()
+        # A node busy with other jobs is usable too: the jobs queue behind them.
+        nodes = run_quiet(["sinfo", "-h", "-t", "idle,mixed,allocated", "-o", "%n"]).split()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return f"Slurm controller not reachable: {e}"
-    return None if nodes else "no idle Slurm node"
+    return None if nodes else "no Slurm node up (idle, mixed or allocated)"
 
 
 def require_cluster() -> None:
