@@ -65,6 +65,9 @@ def run_seed(seed: int, work: str) -> dict:
     read = lambda *p: json.load(open(os.path.join(workdir, *p)))
     summary, cal = read("train_summary.json"), read("calibration.json")
     test = read("eval", "best", "test", "metrics.json")
+    if not test["calibration"].get("calibrated"):
+        raise SystemExit(f"seed {seed}: evaluation applied no temperature ({workdir}); README's "
+                         f"calibration paragraph quotes calibrated numbers and must be reworded")
     alone = {"+".join(r["modalities"]): r["accuracy"]
              for r in read("eval", "best", "test", "ablation.json")["rows"]}
     return {"seed": seed, "val_accuracy": summary["best_validation"]["accuracy"],
