@@ -231,7 +231,9 @@ class Cluster:
     def __init__(self, tmp):
         self.tmp = tmp
         self.jobs: list[str] = []
-        self.env = dict(os.environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+        # JAX's default (threefry) keys: the jobs run what users run, not the suite's rbg.
+        environ = {k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_PRNG_IMPL"}
+        self.env = dict(environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                         XLA_FLAGS="--xla_force_host_platform_device_count=2",
                         # Shared by all jobs here: later runs skip most of the compilation.
                         JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
