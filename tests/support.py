@@ -21,11 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"per_class": 12, "eval_batch_size": 12, "val_size": 10, "test_size": 16}
 
 
-def env(devices: int = 4) -> dict:
-    """The environment of a jaxmm subprocess on ``devices`` fake CPU devices."""
+def env(devices: int = 4, *, shipped_prng: bool = False) -> dict:
+    """The environment of a jaxmm subprocess on ``devices`` fake CPU devices; with
+    ``shipped_prng``, JAX's default (threefry) keys, as users run, instead of the suite's rbg."""
     out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     out.pop("JAX_COORDINATOR_ADDRESS", None)
+    if shipped_prng:
+        out.pop("JAX_DEFAULT_PRNG_IMPL", None)
     return out
 
 
@@ -203,10 +206,26 @@ def cluster_problem() -> str | None:
     if missing:
         return f"Slurm commands not found: {', '.join(missing)} (.ci/slurm_up.sh installs them)"
     try:
-        nodes = run_quiet(["sinfo", "-h", "-t", "idle", "-o", "%n"]).split()
+        # A node busy with other jobs is usable too: the jobs queue behind them.
+        nodes = run_quiet(["sinfo", "-h", "-t", "idle,mixed,allocated", "-o", "%n"]).split()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return f"Slurm controller not reachable: {e}"
-    return None if nodes else "no idle Slurm node"
+    return None if nodes else "no Slurm node up (idle, mixed or allocated)"
+
+
+def require_cluster() -> None:
+    """Skips the Slurm tests where no Slurm is expected; fails where it is (in CI, or as root
+    with Slurm installed: .ci/slurm_up.sh starts a cluster there), so that a broken set-up
+    cannot pass as a skip."""
+    import pytest
+
+    problem = cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") or (os.geteuid() == 0 and shutil.which("sbatch")):
+        pytest.fail(f"Slurm is expected here (CI, or root with Slurm installed): {problem}",
+                    pytrace=False)
+    pytest.skip(problem)
 
 
 class Cluster:
@@ -215,7 +234,9 @@ class Cluster:
     def __init__(self, tmp):
         self.tmp = tmp
         self.jobs: list[str] = []
-        self.env = dict(os.environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+        # JAX's default (threefry) keys: the jobs run what users run, not the suite's rbg.
+        environ = {k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_PRNG_IMPL"}
+        self.env = dict(environ, JAXMM_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                         XLA_FLAGS="--xla_force_host_platform_device_count=2",
                         # Shared by all jobs here: later runs skip most of the compilation.
                         JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))

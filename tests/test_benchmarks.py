@@ -52,12 +52,20 @@ def test_train_throughput_analytic_flops_and_peaks():
     config = tt.make_config(tt.parse_args([]))
     assert tt.analytic_flops_per_sample(config) == pytest.approx(32.8e9, rel=0.01)
 
-    class H100:
-        platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+    def gpu(kind):
+        return type("Device", (), {"platform": "gpu", "device_kind": kind})()
 
-    assert tt.peak_tflops(H100(), "bfloat16", 0)[0] == 989.4
-    assert tt.peak_tflops(H100(), "float32", 0)[0] == 494.7
-    assert tt.peak_tflops(H100(), "float32", 67.0) == (67.0, "--peak_tflops")
+    # NVIDIA's datasheets give the peaks with sparsity; the dense peak is half of it.
+    # H100 SXM and H200: BF16 1,979, TF32 989 (989.4 / 494.7 dense); H100 PCIe: 1,513 / 756.
+    sxm, pcie = gpu("NVIDIA H100 80GB HBM3"), gpu("NVIDIA H100 PCIe")
+    assert tt.peak_tflops(sxm, "bfloat16", 0)[0] == pytest.approx(1978.8 / 2)
+    assert tt.peak_tflops(sxm, "float32", 0)[0] == pytest.approx(989.4 / 2)
+    assert tt.peak_tflops(gpu("NVIDIA H200"), "bfloat16", 0)[0] == pytest.approx(1978.8 / 2)
+    # The PCIe card is not taken for the SXM one although its name also holds "H100".
+    assert tt.peak_tflops(pcie, "bfloat16", 0)[0] == pytest.approx(1512 / 2)
+    assert tt.peak_tflops(pcie, "float32", 0)[0] == pytest.approx(756 / 2)
+    assert tt.peak_tflops(sxm, "float32", 67.0) == (67.0, "--peak_tflops")
+    assert tt.peak_tflops(gpu("NVIDIA GeForce RTX 4090"), "bfloat16", 0)[0] is None
 
 
 def test_torch_reference_tiny(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 calibration file."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -113,12 +112,22 @@ def test_record_roundtrip_and_bad_file(tmp_path):
         wd.temperature()
 
 
-def test_reliability_diagram_writes_png(tmp_path):
+def test_reliability_diagram_draws_the_hand_made_bins(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, *a, **k: (drawn.append(self), savefig(self, *a, **k))[1])
     path = calibration.reliability_diagram(HAND_PROBS, HAND_LABELS, str(tmp_path / "r.png"),
                                            title="test")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert math.isfinite(calibration.expected_calibration_error(HAND_PROBS, HAND_LABELS))
+    top, bottom = drawn[0].axes
+    assert top.get_title() == "test: ECE 0.490"
+    # Filled bins in confidence order: 0.58 (right), 0.7 (right), {0.88 wrong, 0.9 right},
+    # 0.95 (wrong).
+    assert [bar.get_height() for bar in top.containers[0]] == pytest.approx([1, 1, 0.5, 0])
+    assert [b.get_height() for b in bottom.containers[0] if b.get_height()] == [1, 1, 2, 1]
 
 
 def _record(logits, labels, policy="trusted"):

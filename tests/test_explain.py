@@ -149,9 +149,23 @@ def test_class_word_gets_the_largest_attribution(text_explanations):
             zip(ex.tokens, ex.attributions.round(3), strict=True))
 
 
-def test_attributions_sum_to_the_logit_difference(text_explanations):
+def test_attributions_sum_to_the_logit_difference(text_model, text_explanations):
+    model, variables, tok = text_model
     found, _, _ = text_explanations
-    for ex in found:
+    texts, _, _ = captions(8, np.random.default_rng(999))  # the fixture's captions
+    enc = tok(texts, padding="max_length", max_length=LENGTH, truncation=True,
+              return_tensors="np")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    # The documented baseline, built here: every real token but [CLS]/[SEP] becomes [PAD].
+    keep = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (mask == 0)
+    baseline = np.where(keep, ids, tok.pad_token_id)
+    logits = lambda x: np.asarray(model.apply(variables, np.zeros((8, 8, 8, 3), np.uint8), x,
+                                              mask, train=False))
+    at_input, at_baseline = logits(ids), logits(baseline)
+    for i, ex in enumerate(found):
+        difference = at_input[i, ex.predicted] - at_baseline[i, ex.predicted]
+        assert abs(ex.attributions.sum() - difference) <= 0.05 * abs(difference), (
+            ex.attributions.sum(), difference)
         assert ex.ig_gap < 0.05
         # [CLS] and [SEP] are kept in the baseline, so they cannot be credited.
         assert ex.tokens[0] == "[CLS]" and ex.tokens[-1] == "[SEP]"

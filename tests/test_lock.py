@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -47,6 +48,15 @@ def _fake_slurm(tmp_path, monkeypatch, squeue_output, code=0):
     monkeypatch.setenv("PATH", str(bin_dir))
 
 
+def _first_line(proc, timeout=120) -> str:
+    """The first line ``proc`` prints; fails (and kills it) when none comes within timeout."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        raise AssertionError(f"no output from the lock holder within {timeout} s")
+    return proc.stdout.readline()
+
+
 def _dead_pid():
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -59,7 +69,7 @@ def test_a_second_run_refuses_at_once_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert _first_line(holder).strip() == "held"
         with pytest.raises(lock.WorkdirLockedError) as err:
             lock.WorkdirLock(str(tmp_path)).acquire()
         message = str(err.value)

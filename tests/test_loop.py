@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 
 from tests.support import REPO as ROOT
-from tests.support import env as _env
-from tests.support import tiny_config
+from tests.support import env, tiny_config
 from tests.support import train_cmd as _train_cmd
 from tests.support import wait_for_checkpoint as _wait_for_checkpoint
+
+
+def _env(devices: int = 4) -> dict:
+    # Every run here is the shipped command line, so it uses the shipped (threefry) keys.
+    return env(devices, shipped_prng=True)
 
 
 def _summary(workdir):
@@ -56,17 +60,46 @@ def test_run_leaves_every_artefact(reference_run):
     assert all(np.isfinite(r["loss"]) for r in rows)
 
 
+def _wait_for_train_row(workdir, proc, step, timeout=300):
+    """Returns once metrics.jsonl holds a train row at ``step`` or later."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.endswith("\n")]
+            if any(r["kind"] == "train" and r["step"] >= step for r in rows):
+                return
+        assert proc.poll() is None, f"training exited before step {step}"
+        time.sleep(0.05)
+    raise AssertionError(f"no train row at step {step} within {timeout} s")
+
+
+KILL_SEED = 0  # the kill step is drawn from it: every run of the test kills at the same step
+
+
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, data_dir, tmp_path):
+    from jaxmm.training import checkpointing
+
     ref = _summary(reference_run)
+    per_epoch = ref["step"] // ref["epochs_completed"]
+    # A logged step of the first epoch past the first checkpoint (every 3 steps); the second
+    # epoch (its evaluation and saves) is still ahead when the kill lands.
+    kill_at = int(np.random.default_rng(KILL_SEED).integers(4, per_epoch + 1))
     proc = subprocess.Popen(_train_cmd(tmp_path, data_dir), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoint(tmp_path, proc)
-    time.sleep(np.random.default_rng().uniform(0, 1.5))  # An arbitrary later step.
+    _wait_for_train_row(tmp_path, proc, kill_at)
+    assert proc.poll() is None, "the run ended before it was killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    saved = checkpointing.available(str(tmp_path))["latest"]
+    assert saved is not None and 0 < saved < ref["step"], saved
     out = subprocess.run(_train_cmd(tmp_path, data_dir), env=_env(), capture_output=True,
                          text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+    # It went on from the newest checkpoint, not from step 0 (training is deterministic, so
+    # a restart from scratch would end with the same numbers).
+    assert f"Resumed from step {saved} " in out.stderr, out.stderr[-3000:]
     got = _summary(tmp_path)
     assert got["step"] == ref["step"]
     assert got["params_abs_sum"] == pytest.approx(ref["params_abs_sum"], rel=1e-6)

@@ -2,7 +2,8 @@
 
 Random-init PyTorch models are saved in the formats users have (HF ``save_pretrained``
 safetensors, torchvision-named safetensors), loaded through jaxmm's loaders, and their pooled
-features compared on the same inputs. Skipped when torch is not installed.
+features compared on the same inputs; the references normalise pixels and pool tokens by
+hand. Skipped when torch is not installed.
 """
 
 import jax
@@ -53,8 +54,13 @@ def _images():
     return np.random.default_rng(0).integers(0, 256, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
+# ImageNet statistics, written out here so that the parity tests pin jaxmm's constants.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 def _torch_pixels(images):
-    return torch.from_numpy(np.array(resnet.normalize_images(images))).permute(0, 3, 1, 2)
+    x = (images.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 def _jax_image_features(source):
@@ -115,17 +121,73 @@ def test_resnet50_torchvision_format_parity(torch_resnet, tmp_path):
     assert diff <= TOL
 
 
+class _TvBottleneck(torch.nn.Module):
+    """torchvision's ``resnet.Bottleneck`` (v1.5: stride on the 3x3), same attribute names."""
+
+    def __init__(self, inplanes, width, stride):
+        super().__init__()
+        conv = lambda i, o, k, s=1: torch.nn.Conv2d(i, o, k, s, padding=k // 2, bias=False)
+        self.conv1, self.bn1 = conv(inplanes, width, 1), torch.nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3, stride), torch.nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = conv(width, width * 4, 1), torch.nn.BatchNorm2d(width * 4)
+        self.downsample = None
+        if stride != 1 or inplanes != width * 4:
+            self.downsample = torch.nn.Sequential(conv(inplanes, width * 4, 1, stride),
+                                                  torch.nn.BatchNorm2d(width * 4))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class _TorchvisionResNet50(torch.nn.Module):
+    """torchvision's ``models.resnet50()`` written out in plain torch: its ``state_dict()`` has
+    torchvision's key names and tensors (``num_batches_tracked`` and ``fc`` included), so the
+    format is tested without torchvision, which has no build for the pinned torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(64)
+        inplanes = 64
+        for i, (depth, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+            blocks = []
+            for b in range(depth):
+                blocks.append(_TvBottleneck(inplanes, width, 2 if b == 0 and i > 0 else 1))
+                inplanes = width * 4
+            setattr(self, f"layer{i + 1}", torch.nn.Sequential(*blocks))
+        self.fc = torch.nn.Linear(2048, 1000)
+
+    def features(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(x, 3, 2, padding=1)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x.mean((2, 3))
+
+
+def test_torchvision_resnet50_keys_are_torchvision_s():
+    """The stand-in's keys are those of torchvision's ``resnet50().state_dict()``: 320 entries,
+    53 of them BatchNorm counters, in module order."""
+    keys = list(_TorchvisionResNet50().state_dict())
+    assert len(keys) == 320 and sum(k.endswith("num_batches_tracked") for k in keys) == 53
+    assert keys[:6] == ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                        "bn1.running_var", "bn1.num_batches_tracked"]
+    assert "layer3.0.downsample.1.running_var" in keys and "layer4.2.conv3.weight" in keys
+    assert keys[-2:] == ["fc.weight", "fc.bias"]
+
+
 @pytest.mark.slow
-def test_resnet50_real_torchvision_parity(tmp_path):
-    torchvision = pytest.importorskip(
-        "torchvision", reason="torchvision is not installed (no build matches this torch)")
+def test_resnet50_torchvision_state_dict_parity(tmp_path):
     from safetensors.torch import save_file
 
-    model = torchvision.models.resnet50(weights=None).eval()
+    torch.manual_seed(0)
+    model = _TorchvisionResNet50().eval()
     _randomise_batchnorm(model)
     with torch.no_grad():
-        model.fc = torch.nn.Identity()
-        reference = model(_torch_pixels(_images())).numpy()
+        reference = model.features(_torch_pixels(_images())).numpy()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "tv.safetensors"))
     assert np.abs(_jax_image_features(str(tmp_path / "tv.safetensors")) - reference).max() <= TOL
@@ -145,7 +207,10 @@ def test_distilbert_parity(tmp_path, pooling):
     with torch.no_grad():
         hidden = model(torch.from_numpy(ids).long(),
                        attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
-    reference = text.pool(jnp.asarray(hidden), jnp.asarray(mask), pooling)
+    if pooling == "cls":
+        reference = hidden[:, 0]
+    else:  # the mean over real tokens only
+        reference = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     mc = _config(modalities=("text",), text_pretrained=str(tmp_path), text_pooling=pooling)
     classifier = build_model(mc, 4, cfg.vocab_size, None)
     variables = pretrained.load_pretrained(_zero_variables(classifier), mc, log=lambda _: None)

@@ -144,7 +144,15 @@ def test_eval_has_no_augmentation(tok):
     two = list(pipeline.make_eval_iter(config, src, tok, local_batch_size=5, process_index=0,
                                        process_count=1))
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(one, two, strict=True))
-    expected = np.asarray(transforms.center_crop(transforms.as_pil(src[0]["image"]), 40))
+    # The documented view, built here: the central 87.5% of the shorter side, bilinear to 40.
+    stored = src[0]["image"]
+    stored = (Image.open(io.BytesIO(stored)).convert("RGB") if isinstance(stored, bytes)
+              else Image.fromarray(np.asarray(stored)))
+    w, h = stored.size
+    side = 0.875 * min(w, h)
+    box = tuple(round(v) for v in ((w - side) / 2, (h - side) / 2, (w + side) / 2,
+                                   (h + side) / 2))
+    expected = np.asarray(stored.resize((40, 40), Image.BILINEAR, box=box))
     assert np.array_equal(one[0]["image"][0], expected)
     meta = prepared.dataset_meta(ds_dir)
     assert meta["num_examples"]["validation"] == len(src)
@@ -170,6 +178,24 @@ def test_orbax_checkpoint_round_trip(tok, tmp_path):
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(rest, again, strict=True))
 
 
+def _inception_crop(img, size, rng):
+    """The documented train crop, written out here (torchvision's RandomResizedCrop): area
+    8-100 %, aspect ratio 3/4-4/3 drawn log-uniformly, 10 tries, then the central square;
+    bilinear resize."""
+    w, h = img.size
+    for _ in range(10):
+        target = w * h * rng.uniform(0.08, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            return np.asarray(img.resize((size, size), Image.BILINEAR,
+                                         box=(x, y, x + cw, y + ch)))
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+    return np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
+
+
 def test_flip_is_the_mirror_of_the_crop():
     """The train view is the random crop or its exact mirror, drawn from the same rng calls."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), np.uint8))
@@ -178,7 +204,7 @@ def test_flip_is_the_mirror_of_the_crop():
     for seed in range(12):
         out = transforms.TrainTransform(16)(record, np.random.default_rng(seed))["image"]
         rng = np.random.default_rng(seed)
-        crop = np.asarray(transforms.random_resized_crop(img, 16, rng))
+        crop = _inception_crop(img, 16, rng)
         flipped = rng.random() < 0.5
         np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
         seen.add(flipped)
@@ -186,12 +212,22 @@ def test_flip_is_the_mirror_of_the_crop():
 
 
 def test_worker_setup_limits_threads_and_keeps_jax_on_cpu(monkeypatch):
-    import jax
+    import sys
+    import types
 
     env = {}
     monkeypatch.setattr(pipeline.os, "environ", env)
+    # A stand-in for the jax a worker may have imported (the suite's own jax is on the CPU
+    # already, so it could not show whether init_worker sets the platform).
+    updates = []
+    fake_jax = types.SimpleNamespace(config=types.SimpleNamespace(
+        update=lambda *args: updates.append(args)))
+    monkeypatch.setitem(sys.modules, "jax", fake_jax)
     pipeline.init_worker(0, 2)
     assert env["OMP_NUM_THREADS"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
-    assert jax.config.jax_platforms == "cpu"
+    assert updates == [("jax_platforms", "cpu")]
+    monkeypatch.delitem(sys.modules, "jax")
+    pipeline.init_worker(0, 2)  # a worker without jax: nothing imports it
+    assert "jax" not in sys.modules
     options = pipeline._read_options(2)
     assert options.num_threads == 1 and options.prefetch_buffer_size <= 4  # batches, not records

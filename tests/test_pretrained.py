@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from transformers import (
     DistilBertConfig,
     FlaxDistilBertForMaskedLM,
@@ -90,20 +90,49 @@ def test_hf_flax_resnet_round_trip(hf_resnet_dir, tiny_variables):
     loaded = pretrained.load_pretrained(tiny_variables[1], cfg, log=logs.append)
     image = batch()[0]
     ours = _image_features(loaded, image)
-    pixels = jnp.transpose(resnet.normalize_images(image), (0, 3, 1, 2))
-    theirs = hf_model(pixels).pooler_output.reshape(len(image), -1)
+    theirs = hf_model(_pixels(image)).pooler_output.reshape(len(image), -1)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
     assert any("new (randomly initialised)" in line and "head/" in line for line in logs)
     new_line = next(line for line in logs if line.startswith("new"))
     assert " image/" not in new_line and "text/" in new_line
 
 
+def _pixels(image):
+    """NCHW float pixels normalised with ImageNet's statistics, written out here so that the
+    tests pin jaxmm's constants."""
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    return jnp.transpose((np.asarray(image, np.float32) / 255.0 - mean) / std, (0, 3, 1, 2))
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def _torchvision_name(path):
+    """HF Flax module path -> torchvision module name, by hand (not jaxmm's converter)."""
+    if path[0] == "embedder":
+        return {"convolution": "conv1", "normalization": "bn1"}[path[2]]
+    stage, block = int(path[2]) + 1, path[4]
+    if path[5] == "shortcut":
+        return f"layer{stage}.{block}.downsample." + ("0" if path[6] == "convolution" else "1")
+    kind = "conv" if path[7] == "convolution" else "bn"
+    return f"layer{stage}.{block}.{kind}{int(path[6]) + 1}"
+
+
 def _torchvision_state(hf_dir):
-    from flax import serialization
+    """The HF checkpoint's tensors as a torchvision state dict, converted by hand."""
+    from flax import serialization, traverse_util
 
     with open(os.path.join(hf_dir, "flax_model.msgpack"), "rb") as f:
-        hf_state = resnet.hf_flax_to_torch_layout(serialization.msgpack_restore(f.read()))
-    state = resnet.hf_to_torchvision(hf_state)
+        hf_state = serialization.msgpack_restore(f.read())
+    state = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in traverse_util.flatten_dict(hf_state[collection]).items():
+            value = np.asarray(value)
+            if value.ndim == 4:
+                value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+            state[f"{_torchvision_name(path[:-1])}.{_TORCH_LEAF[path[-1]]}"] = (
+                np.ascontiguousarray(value))
     for key in [k for k in state if k.endswith("running_var")]:
         state[key.replace("running_var", "num_batches_tracked")] = np.array(3, np.int64)
     state["fc.weight"] = np.zeros((1000, 256), np.float32)
@@ -112,19 +141,20 @@ def _torchvision_state(hf_dir):
 
 
 def test_torchvision_format_round_trip(hf_resnet_dir, tiny_variables, tmp_path):
-    path, _ = hf_resnet_dir
+    path, hf_model = hf_resnet_dir
     state = _torchvision_state(path)
     assert set(state) == _expected_torchvision_keys()
     save_file(state, str(tmp_path / "tv.safetensors"))
     os.makedirs(tmp_path / "tvdir")
     save_file(state, str(tmp_path / "tvdir" / "model.safetensors"))
     image = batch()[0]
-    reference = _image_features(pretrained.load_pretrained(
-        tiny_variables[1], model_config(image_pretrained=path), log=lambda _: None), image)
+    # The HF model itself is the reference: a mix-up of two torchvision names (conv1/conv3,
+    # bn1/bn2, ...) in jaxmm's mapping changes the features.
+    theirs = hf_model(_pixels(image)).pooler_output.reshape(len(image), -1)
     for source in (tmp_path / "tv.safetensors", tmp_path / "tvdir"):
         cfg = model_config(image_pretrained=str(source))
         loaded = pretrained.load_pretrained(tiny_variables[1], cfg, log=lambda _: None)
-        np.testing.assert_array_equal(_image_features(loaded, image), reference)
+        np.testing.assert_allclose(_image_features(loaded, image), theirs, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -149,8 +179,10 @@ def test_hf_pytorch_names_map_to_torchvision():
                  "layer1.0.downsample.0.weight",
              "encoder.stages.3.layers.0.shortcut.normalization.bias": "layer4.0.downsample.1.bias",
              "classifier.1.weight": "fc.1.weight"}
-    renamed = resnet.hf_to_torchvision({k: np.zeros(1) for k in names})
-    assert set(renamed) == set(names.values())
+    renamed = resnet.hf_to_torchvision({k: np.full(1, i) for i, k in enumerate(names)})
+    # Each tensor under its own new name (a set comparison would let two names swap).
+    assert {k: int(v[0]) for k, v in renamed.items()} == {
+        new: i for i, new in enumerate(names.values())}
 
 
 def _tiny_distilbert(**overrides):
@@ -220,11 +252,14 @@ def test_safetensors_reader_detects_layout(hf_resnet_dir, tmp_path):
     save_file({"resnet." + k: v for k, v in {"embedder.embedder.convolution.weight":
                                              state["conv1.weight"]}.items()},
               str(tmp_path / "x.safetensors"))
-    assert list(pretrained.read_image_state(str(tmp_path / "x.safetensors"))) == ["conv1.weight"]
+    by_hand = _torchvision_state(hf_resnet_dir[0])["conv1.weight"]  # HWIO -> OIHW by hand
+    np.testing.assert_array_equal(state["conv1.weight"], by_hand)
+    read = pretrained.read_image_state(str(tmp_path / "x.safetensors"))
+    assert list(read) == ["conv1.weight"]
+    np.testing.assert_array_equal(read["conv1.weight"], by_hand)
     save_file({"foo.weight": np.zeros(2, np.float32)}, str(tmp_path / "y.safetensors"))
     with pytest.raises(ValueError, match="neither an HF-format nor a torchvision"):
         pretrained.read_image_state(str(tmp_path / "y.safetensors"))
-    assert load_file(str(tmp_path / "x.safetensors"))
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "weights.pt", "model.pth", "last.ckpt"])

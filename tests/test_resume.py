@@ -50,6 +50,21 @@ def _same_result(got, ref):
     assert got["best_validation"] == pytest.approx(ref["best_validation"], rel=1e-6)
 
 
+def _record_restores(monkeypatch) -> list[int]:
+    """The steps the loop restores from, in order (nothing for a fresh start): a rerun that
+    retrained from step 0 would end with the same numbers, since training is deterministic."""
+    restored = []
+    original = checkpointing.Checkpoints.restore
+
+    def restore(self, *args, **kwargs):
+        host, saved = original(self, *args, **kwargs)
+        restored.append(int(host["step"]))
+        return host, saved
+
+    monkeypatch.setattr(checkpointing.Checkpoints, "restore", restore)
+    return restored
+
+
 def _snapshot(workdir):
     return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
             for d, _, fs in os.walk(workdir) for f in fs}
@@ -74,38 +89,50 @@ def test_killed_between_best_and_training_checkpoint_then_rerun_equals_uninterru
         loop.train_and_evaluate(config, workdir)
     monkeypatch.undo()
     assert checkpointing.available(workdir)["best"] == reference[1]["best_step"]
-    assert reference[1]["best_step"] not in checkpointing.available(workdir)["all"]
+    kept = checkpointing.available(workdir)
+    assert reference[1]["best_step"] not in kept["all"]
+    assert 0 < kept["latest"] < reference[1]["best_step"]
+    restored = _record_restores(monkeypatch)
     _same_result(loop.train_and_evaluate(config, workdir), reference[1])
+    assert restored == [kept["latest"]]
 
 
-def test_fresh_start_beside_a_stale_best_model(data_dir, reference, tmp_path):
+def test_fresh_start_beside_a_stale_best_model(data_dir, reference, tmp_path, monkeypatch):
     workdir = _copy(reference, tmp_path)
     shutil.rmtree(os.path.join(workdir, paths.CHECKPOINTS_DIR))  # The usual recovery.
     # The fresh run reaches the same steps, so it saves best/N again where best/N exists.
+    restored = _record_restores(monkeypatch)
     summary = loop.train_and_evaluate(tiny_config(data_dir), workdir)
+    assert restored == []  # nothing to resume: the stale best model is not a starting point
     _same_result(summary, reference[1])
     assert checkpointing.available(workdir)["best"] == summary["best_step"]
     assert os.listdir(os.path.join(workdir, paths.SET_ASIDE_DIR)) == [
         f"{paths.BEST_DIR}-{reference[1]['best_step']}"]
 
 
-def test_more_epochs_on_a_finished_run_trains_them(data_dir, reference, tmp_path):
+def test_more_epochs_on_a_finished_run_trains_them(data_dir, reference, tmp_path,
+                                                   monkeypatch):
     workdir = _copy(reference, tmp_path)
+    restored = _record_restores(monkeypatch)
     summary = loop.train_and_evaluate(tiny_config(data_dir, num_epochs=3), workdir)
     assert summary["status"] == "finished" and summary["epochs_completed"] == 3
     assert summary["step"] == reference[1]["step"] * 3 // 2
+    assert restored == [reference[1]["step"]]
     rows = [json.loads(line) for line in open(os.path.join(workdir, paths.METRICS_FILE))]
     assert [r["epoch"] for r in rows if r["kind"] == "val"] == [1, 2, 3]
 
 
 def test_an_unreadable_newest_step_falls_back_and_ends_like_an_uninterrupted_run(
-        data_dir, reference, tmp_path):
+        data_dir, reference, tmp_path, monkeypatch):
     workdir = _copy(reference, tmp_path)
-    newest = checkpointing.available(workdir)["latest"]
+    kept = checkpointing.available(workdir)["all"]
+    newest = kept[-1]
     progress = os.path.join(workdir, paths.CHECKPOINTS_DIR, str(newest), "progress", "metadata")
     with open(progress, "w") as f:
         f.write("{garbage")
+    restored = _record_restores(monkeypatch)
     _same_result(loop.train_and_evaluate(tiny_config(data_dir), workdir), reference[1])
+    assert restored == [kept[-2]]  # the newest readable step
 
 
 def test_resume_step_must_be_a_kept_step(data_dir, reference, tmp_path):

@@ -8,6 +8,8 @@ same result as the uninterrupted run.
 """
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from tests.support import JOB_TIMEOUT_S, Cluster
 from tests.support import REPO as _REPO
 from tests.support import SLURM_TINY as TINY
-from tests.support import cluster_problem as _cluster_problem
+from tests.support import require_cluster as _require_cluster
 from tests.support import run_quiet as _run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -63,11 +65,24 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def _training_pids(workdir: Path) -> list[int]:
+    """Process ids of the Python training tasks of ``workdir`` on this machine (not srun's)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if (entry.isdigit() and os.path.basename(argv[0]).startswith(b"python")
+                and b"jaxmm.train" in argv and str(workdir).encode() in argv):
+            pids.append(int(entry))
+    return pids
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    _require_cluster()
     c = Cluster(tmp_path_factory.mktemp("slurm"))
     yield c
     c.cancel_all()
@@ -104,13 +119,37 @@ def test_warning_signal_requeues_and_resumes(cluster, baseline, train_args):
     job = cluster.submit("slurm/jax_train.sh", "train_requeued", SBATCH_CPU, train_args,
                          CONFIG="configs/demo.py", WORKDIR=str(workdir))
     metrics = workdir / "metrics.jsonl"
+    # Both processes are in the training loop (signal handlers installed) once step 1 is logged.
     wait_for(job, cluster, lambda i: metrics.exists() and metrics.stat().st_size > 0,
-             "training", poll_s=0.2)
-    # What Slurm does before the time limit with --signal=B:USR1@N.
-    _run(["scancel", "--signal=USR1", "--batch", job])
+             "training", poll_s=0.05)
+    # The training processes are held still (SIGSTOP: the cluster is this machine) while the
+    # signal is delivered, so that it lands mid-training however fast the machine is. What
+    # Slurm does before the time limit with --signal=B:USR1@N reaches the batch shell, which
+    # forwards it; here the tasks also get it directly, pending until they go on.
+    pids = _training_pids(workdir)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        complete = metrics.read_text().split("\n")[:-1]  # a stopped writer may leave half a row
+        logged = [json.loads(line)["step"] for line in complete]
+        total = read_json(baseline[1] / "train_summary.json")["step"]
+        assert max(logged) < total - 1, f"the run was at step {max(logged)} of {total}"
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        _run(["scancel", "--signal=USR1", "--batch", job])
+        deadline = time.monotonic() + 60
+        while "received SIGUSR1" not in cluster.log(job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     info = wait_for(job, cluster, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
                     "requeued")
-    assert any((workdir / "checkpoints").iterdir())
+    from jaxmm.training import checkpointing
+
+    saved = checkpointing.available(str(workdir))["latest"]
+    assert saved is not None and 0 < saved < total, saved
     assert "received SIGUSR1" in cluster.log(job)
     # The requeued job becomes eligible again after the credential lifetime (AuthInfo
     # cred_expire: 30 s on the .ci/slurm_up.sh cluster, 120 s by default). Starting it earlier
@@ -122,6 +161,9 @@ def test_warning_signal_requeues_and_resumes(cluster, baseline, train_args):
     assert_completed(info, cluster)
     log = cluster.log(job)
     assert "requeueing job" in log and "(restart 1)" in log and "training finished" in log
+    # The restart went on from the saved step: not from step 0 (training is deterministic, so
+    # a restart from scratch would end with the same numbers).
+    assert f"Resumed from step {saved} " in log, log
 
     resumed = read_json(workdir / "train_summary.json")
     plain = read_json(baseline[1] / "train_summary.json")

@@ -17,7 +17,7 @@ from jaxmm import paths
 from tests.support import JOB_TIMEOUT_S, Cluster
 from tests.support import REPO as ROOT
 from tests.support import SLURM_TINY as TINY
-from tests.support import cluster_problem as _cluster_problem
+from tests.support import require_cluster as _require_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -27,9 +27,7 @@ SBATCH = ["--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=1", "--time=15"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    _require_cluster()
     c = Cluster(tmp_path_factory.mktemp("slurm_sweep"))
     yield c
     c.cancel_all()
