@@ -39,3 +39,6 @@ def test_readme_demo_numbers_hold_for_a_fresh_seed_0_run(tmp_path):
     quoted = dn.readme_numbers(_readme())
     measured = dn.run_seed(0, str(tmp_path))
     assert dn.differences(quoted, measured) == [], measured
+    # README says the demo's temperature is not applied, and why.
+    assert measured["temperature_applied"] is False, measured
+    assert "fewer than 50" in measured["temperature_reason"], measured
