@@ -94,7 +94,7 @@ def test_ema_weights_are_validated_and_kept_as_best(data_dir, tmp_path, monkeypa
     holds the weight average, not the raw weights. Output is not a terminal under pytest, so
     progress comes as log lines."""
     logged = []
-    monkeypatch.setattr(train_log.logging, "info", lambda msg, *args, **_: logged.append(
+    monkeypatch.setattr(train_log.logger, "info", lambda msg, *args, **_: logged.append(
         str(msg) % args if args else str(msg)))
     config = tiny_config(data_dir, num_epochs=1, ema_decay=0.5, accumulate_steps=2,
                          log_every_seconds=0.0)
@@ -158,7 +158,7 @@ def test_resuming_a_run_of_per_device_keys_is_warned_in_one_line(monkeypatch):
     from configs import demo
 
     warnings = []
-    monkeypatch.setattr(loop.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(loop.log, "warning", lambda msg, *a: warnings.append(msg % a))
     config = demo.get_config()
     saved = {k: v for k, v in config.to_dict().items() if k != "rng_scheme"}  # an older run
     loop._warn_config_changes(saved, config)
