@@ -180,14 +180,16 @@ def test_compare_without_runs_is_one_line(tmp_path):
 
 def test_damaged_rows_and_summary_are_skipped_and_named(tmp_path):
     """A step written as a string, a boolean epoch and a numeric status: one note each, and the
-    rest of the run still compares (sorting by step would otherwise raise)."""
+    rest of the run still compares (sorting by step would otherwise raise); a training row's
+    fractional epoch is fine."""
     r = _run(tmp_path / "x", config=_config(), val=[(1, .5, 1.0), (2, .6, .9)], summary=3,
              extra_lines=['{"step": "30", "kind": "val", "epoch": 3, "macro_f1": 0.9}',
                           '{"step": 40, "kind": "val", "epoch": true, "macro_f1": 0.9}',
-                          '{"step": 50, "kind": 7}'])
+                          '{"step": 50, "kind": 7}',
+                          '{"step": 15, "kind": "train", "epoch": 1.5, "samples_per_s": 9.0}'])
     rows, _ = _rows([r])
     row = rows["x"]
-    assert row["val_macro_f1"] == .6 and row["epochs"] == 2
+    assert row["val_macro_f1"] == .6 and row["epochs"] == 2 and row["samples_per_s"] == 9.0
     assert "3 unreadable or damaged line(s) in metrics.jsonl, skipped" in row["notes"]
     assert "train_summary.json is damaged (status 3), ignored" in row["notes"]
     assert row["status"] in ("running", "failed")  # from the files' age, not the summary

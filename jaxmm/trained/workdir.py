@@ -186,8 +186,8 @@ class Workdir:
     # --- metrics and summary ---------------------------------------------------------------------
     def metric_rows(self, notes: list | None = None) -> list[dict]:
         """Rows of metrics.jsonl; unreadable lines (e.g. one being written) and damaged rows (a
-        kind that is not a name, a step or epoch that is not a whole number) are skipped and
-        counted in ``notes``."""
+        kind that is not a name, a step that is not a whole number, an epoch that is not a
+        number) are skipped and counted in ``notes``."""
         try:
             with open(self.file(paths.METRICS_FILE), encoding="utf-8") as f:
                 lines = [line for line in f if line.strip()]
@@ -199,8 +199,9 @@ class Workdir:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("kind"), str) and all(
-                    _whole(row[k]) for k in ("step", "epoch") if k in row):
+            if isinstance(row, dict) and isinstance(row.get("kind"), str) and (
+                    "step" not in row or _whole(row["step"])) and (
+                    "epoch" not in row or _number(row["epoch"])):
                 rows.append(row)
         if len(rows) < len(lines) and notes is not None:
             notes.append(f"{len(lines) - len(rows)} unreadable or damaged line(s) in "
@@ -311,6 +312,11 @@ def _flatten(prefix: str, value) -> dict:
 
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    """An epoch: whole at validation, a fraction of the way through in training rows."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def data_changes(saved: dict, current: dict) -> list[str]:
