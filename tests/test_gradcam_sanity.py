@@ -81,7 +81,7 @@ def test_the_map_of_a_trained_model_peaks_where_the_cue_is(trained):
     peak, predicted, _ = _peaks(model, variables, images)
     assert (predicted == labels).mean() >= 0.9  # the model learnt the cue
     hit = (peak == quadrant)[predicted == labels].mean()
-    # Chance is 1/4; 0.78 to 0.9 measured. Not 1: each cell of the last stage sees most of
+    # Chance is 1/4; 0.78 measured once. Not 1: each cell of the last stage sees most of
     # the 64-px image (its receptive field is larger than the image).
     assert hit >= 0.6, f"the map peaks on the cue in {hit:.0%} of the right answers"
 
