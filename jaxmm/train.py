@@ -42,6 +42,12 @@ def main(argv):
     if summary["status"] == "preempted":
         logging.warning("stopped after saving step %d; run the same command to resume",
                         summary["step"])
+        if jax.process_count() > 1:
+            # Under `srun --kill-on-bad-exit` the first task to exit 75 ends the others: none
+            # leaves before process 0 has written the summary that says the save completed.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxmm_stopped")
         sys.exit(loop.EXIT_PREEMPTED)
     if jax.process_index() == 0:
         print(train_log.format_summary(summary))

@@ -182,6 +182,9 @@ fi
 
 # --- training ------------------------------------------------------------------------------
 phase=train
+summary="$workdir/$("$py" -m jaxmm.paths SUMMARY_FILE)"
+started="$(mktemp "${TMPDIR:-/tmp}/jaxmm_train_started.XXXXXX")" || die "cannot create a temp file"
+trap 'rm -f "$started"' EXIT
 log "starting training: ${srun_train[*]} $py -m jaxmm.train ..."
 "${srun_train[@]}" "$py" -m jaxmm.train --config "$config" --workdir "$workdir" \
   --config.num_workers="$workers" "$@" &
@@ -189,6 +192,16 @@ child=$!
 wait_child
 rc=$?
 phase=done
+
+# srun --kill-on-bad-exit ends every task once one exits non-zero, so after a stop signal the
+# first task to exit 75 may end a slower one before it exits 75 too; srun then reports that
+# task's signal. The summary process 0 writes after the checkpoint is saved, newer than this
+# training step, tells the two apart (no task exits before it is written).
+if [ "$rc" != 0 ] && [ "$rc" != "$EXIT_REQUEUE" ] && [ $((got_usr1 + got_term)) -gt 0 ] &&
+  [ "$summary" -nt "$started" ] && grep -q '"status": "preempted"' "$summary"; then
+  log "srun exited $rc after a task saved the checkpoint and exited $EXIT_REQUEUE (its summary: $summary)"
+  rc=$EXIT_REQUEUE
+fi
 
 case "$rc" in
   0)

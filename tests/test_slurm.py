@@ -183,3 +183,46 @@ def test_evaluate_job(cluster, baseline):
     metrics = read_json(workdir / "eval" / "best" / "test" / "metrics.json")
     assert metrics["split"] == "test", cluster.log(job)
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+# Stands in for Python in slurm/jax_train.sh: `-m jaxmm.train` waits for SIGUSR1, then does what
+# the trainer does on a stop signal (task 0 writes the "preempted" summary; no task exits before
+# it exists), except that task 0 is slow to exit, as a coordinator tearing down can be.
+_STAND_IN = """#!/usr/bin/env bash
+[ "$1 $2" = "-m jaxmm.train" ] || exec {python} "$@"
+while [ "$1" != --workdir ]; do shift; done
+workdir=$2
+stop=0
+trap 'stop=1' USR1
+touch "$workdir/ready.$SLURM_PROCID"
+while [ "$stop" = 0 ]; do sleep 0.1; done
+if [ "$SLURM_PROCID" = 0 ]; then
+  echo '{{"status": "preempted", "step": 3}}' > "$workdir/train_summary.json"
+  sleep 120
+else
+  while [ ! -e "$workdir/train_summary.json" ]; do sleep 0.1; done
+fi
+exit 75
+"""
+
+
+def test_requeue_when_srun_ends_a_slower_task(cluster):
+    """After a stop signal the first task to exit 75 makes srun (--kill-on-bad-exit) end the
+    others, so srun's own exit is a signal's; the saved summary still leads to a requeue."""
+    workdir = cluster.tmp / "run_stand_in"
+    workdir.mkdir()
+    stand_in = cluster.tmp / "stand_in_python"
+    stand_in.write_text(_STAND_IN.format(python=cluster.env["JAXMM_PYTHON"]))
+    stand_in.chmod(0o755)
+    job = cluster.submit("slurm/jax_train.sh", "stand_in", SBATCH_CPU, [],
+                         WORKDIR=str(workdir), JAXMM_PYTHON=str(stand_in), JAXMM_PREPARE="0")
+    wait_for(job, cluster, lambda i: len(list(workdir.glob("ready.*"))) == 2, "started",
+             poll_s=0.2)
+    _run(["scancel", "--signal=USR1", "--batch", job])
+    info = wait_for(job, cluster, lambda i: i["Restarts"] == "1", "requeued", timeout_s=120,
+                    poll_s=0.5)
+    _run(["scancel", job])
+    log = cluster.log(job)
+    assert "srun exited 143 after a task saved the checkpoint and exited 75" in log, log
+    assert "requeueing job" in log and "training failed" not in log, log
+    assert info["Restarts"] == "1"
