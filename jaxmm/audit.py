@@ -23,19 +23,30 @@ EXIT_PREEMPTED = 75
 def _parse(argv):
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
+    from jaxmm.evaluation import label_issues
+
+    defaults = label_issues.DEFAULTS
     p = argparse.ArgumentParser(prog="jaxmm.audit", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="config file (all stages but score)")
     p.add_argument("--audit_dir", required=True)
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--stage", choices=("all", "plan", "score"), default="all")
-    p.add_argument("--filter_by", default=None, help="cleanlab's filter_by (default: the "
-                   "module's FILTER_BY)")
-    p.add_argument("--min_score", type=float, default=None,
-                   help="keep cleanlab's issues scoring at least this (1 - p(given label))")
-    p.add_argument("--conflict_confidence", type=float, default=None,
-                   help="both towers at least this sure for a cross-modal conflict")
+    p.add_argument("--filter_by", default=defaults.filter_by, choices=label_issues.FILTER_RULES,
+                   help="cleanlab's filter_by (default %(default)s)")
+    p.add_argument("--min_score", type=float, default=defaults.min_score,
+                   help="keep cleanlab's issues scoring at least this, 1 - p(given label) "
+                   "(default %(default)s)")
+    p.add_argument("--tower_doubt", type=float, default=defaults.tower_doubt,
+                   help="and keep those only where the image alone and the text alone each give "
+                   "the label less than this probability (default %(default)s; 1: always)")
+    p.add_argument("--conflict_confidence", type=float, default=defaults.conflict_confidence,
+                   help="both towers at least this sure for a cross-modal conflict "
+                   "(default %(default)s)")
     p.add_argument("--top", type=int, default=16, help="examples in label_issues.png")
     args = p.parse_args(argv)
+    for name in ("min_score", "tower_doubt", "conflict_confidence"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name} {getattr(args, name)}: a probability in [0, 1]")
     if args.stage != "score" and not args.config:
         p.error("--config is required (except with --stage score)")
     return args, common
@@ -62,8 +73,11 @@ def _main(argv=None) -> int:
             return 0
         if audit.train_folds(args.audit_dir, runs, args.config, common, log) == "preempted":
             return EXIT_PREEMPTED
-    for line in audit.write_report(args.audit_dir, args.filter_by, args.conflict_confidence,
-                                   args.top, log=log, min_score=args.min_score):
+    from jaxmm.evaluation import label_issues
+
+    settings = label_issues.Settings(args.filter_by, args.min_score, args.tower_doubt,
+                                     args.conflict_confidence)
+    for line in audit.write_report(args.audit_dir, settings, args.top, log=log):
         print(line)
     return 0
 

@@ -104,6 +104,14 @@ def test_checks_on_planted_probabilities():
     assert sorted(found) == wrong.tolist()
     assert [found[i][0] for i in wrong] == [3, 2, 1, 0]
     assert joint.shape == (4, 4) and abs(joint.sum() - 1) < 1e-6
+    # Each tower alone must doubt the label too: at 3 the image alone backs the given label.
+    towers = np.full((2, 200, 4), 0.1)
+    towers[:, np.arange(200), 3 - labels] = 0.7
+    towers[0, 3, labels[3]] = 0.7
+    kept, _ = label_issues.label_issue_check(labels, probs, towers=towers, tower_doubt=0.3)
+    assert sorted(kept) == [60, 120, 170]
+    assert "image alone 0.70" in label_issues.label_issue_check(
+        labels, probs, towers=towers, tower_doubt=1.0)[0][3][2]
 
     image = np.eye(4)[[0, 1, 2, 0]] * 0.95 + 0.0125
     text = np.eye(4)[[0, 2, 2, 0]] * 0.95 + 0.0125
@@ -294,3 +302,24 @@ def test_bad_audit_input_is_one_line_before_training(audited, tmp_path):
     with pytest.raises(ConfigError, match="the audit sets it for each fold run"):
         audit.plan("configs/demo.py", [*audited["flags"], f"--config.exclude_file={bad}"],
                    str(tmp_path / "b"), 2)
+
+
+def test_copies_within_splits_hashed_when_prepare_did_not_record_them(audited, tmp_path):
+    """A dataset prepared before prepare looked within splits: the audit hashes the stored
+    images itself (reading them, never writing) and finds the same copies."""
+    from jaxmm.data import pipeline
+
+    prepared = paths.dataset_path(str(audited["tmp"] / "prepared"))
+    recorded = label_issues.within_split_copies(prepared, pipeline.load_splits(prepared))
+    assert any(set(p["files"]) == set(audited["copy"]) for p in recorded["pairs"])
+    older = tmp_path / "older"
+    shutil.copytree(prepared, older)
+    meta = files.read_json(str(older / paths.META_FILE))
+    del meta["duplicates"]["within"]
+    files.write_json(str(older / paths.META_FILE), meta)
+    before = _snapshot(older)
+    hashed = label_issues.within_split_copies(str(older), pipeline.load_splits(str(older)))
+    assert _snapshot(older) == before
+    key = lambda within: sorted((p["split"], p["kind"], sorted(p["files"]))
+                                for p in within["pairs"])
+    assert key(hashed) == key(recorded)

@@ -270,10 +270,15 @@ def _fresh_probabilities(audit_dir: str, record: dict):
     return load_probabilities(audit_dir) if os.path.getmtime(path) >= newest else None
 
 
-def write_report(audit_dir: str, filter_by: str | None = None, confidence: float | None = None,
-                 top: int = 16, log=print, min_score: float | None = None) -> list[str]:
+def write_report(audit_dir: str, settings=None, top: int = 16, log=print) -> list[str]:
     """Scores the finished fold runs and writes label_issues.csv, summary.json and
     label_issues.png into the audit folder.
+
+    Args:
+      audit_dir: the audit folder.
+      settings: the checks' thresholds (``label_issues.Settings``; None: its defaults).
+      top: examples in the gallery.
+      log: where progress lines go.
 
     Returns:
       Lines to print: what was flagged per split and where the files are.
@@ -289,23 +294,20 @@ def write_report(audit_dir: str, filter_by: str | None = None, confidence: float
     if not isinstance(record, dict) or "runs" not in record:
         raise WorkdirError(f"{audit_dir} has no readable {AUDIT_FILE}: run python -m jaxmm.audit "
                            "--config ... --audit_dir first")
-    settings = {"filter_by": filter_by or label_issues.FILTER_BY,
-                "min_score": label_issues.MIN_SCORE if min_score is None else min_score,
-                "conflict_confidence": (label_issues.CONFLICT_CONFIDENCE if confidence is None
-                                        else confidence), "folds": record["folds"]}
+    settings = settings or label_issues.DEFAULTS
     probs = _fresh_probabilities(audit_dir, record)
     if probs is None:
         probs = collect_probabilities(audit_dir, record, log)
     sources = pipeline.load_splits(record["dataset_dir"])
     within = label_issues.within_split_copies(record["dataset_dir"], sources)
     class_names = list(record["class_names"])
-    rows, found = label_issues.run_checks(probs, class_names, within, settings["filter_by"],
-                                          settings["conflict_confidence"], settings["min_score"])
+    rows, found = label_issues.run_checks(probs, class_names, within, settings)
     out = {n: os.path.join(audit_dir, f) for n, f in (
         ("csv", label_issues.ISSUES_FILE), ("summary", label_issues.SUMMARY_FILE),
         ("png", label_issues.GALLERY_FILE))}
     files.write_csv(out["csv"], rows, label_issues.COLUMNS)
-    summary = label_issues.summary(rows, found, probs, class_names, settings,
+    summary = label_issues.summary(rows, found, probs, class_names,
+                                   dict(settings.as_dict(), folds=record["folds"]),
                                    fold_runs(audit_dir, record))
     files.write_json(out["summary"], summary)
     index = {split: {n: i for i, n in enumerate(d["file"])} for split, d in probs.items()}
