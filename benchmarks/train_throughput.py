@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py --dtype bfloat16 --batch_size 256 --out bf16.json
     python benchmarks/train_throughput.py --image_arch tiny --text_arch tiny --image_size 32 \
         --text_length 8 --batch_size 8 --steps 3 --warmup 1      # CPU smoke run
+    python benchmarks/train_throughput.py --dtype bfloat16 --batch_size 256 \
+        --batchnorm flax,fused --batchnorm_reps 10 --out bn.json  # BatchNorm A/B
 
 Default model: ResNet-50 at 224 px + DistilBERT (6 layers, 768 wide, vocabulary 30522) at text
 length 32, random init (weights do not change the speed), concat fusion head, class-weighted
@@ -19,6 +21,11 @@ Also: compile time (lower + compile), step time, peak device memory, the memory 
 train state's size (which ``gpu_suite_report.py largest`` turns into the largest batch), and MFU.
 --compile_only stops after the compile: run with JAX_COMPILATION_CACHE_DIR set, it fills the
 cache that a later measurement of the same step reads (benchmarks/gpu_suite.sh does so).
+--batchnorm A,B (values of config.model.batchnorm) measures instead the step alone once per
+value, each compiled with its own train state from the same initialisation, the windows
+interleaved (order alternating) --batchnorm_reps times; it reports per value the compile time,
+the first step's metrics (the same model: they should agree), the median step time and the
+median of the per-repetition ratios to the first value.
 
 FLOPs per sample: for the full model the analytic count, 3 x forward (forward + backward),
 forward = 2 x 4.09 GMAC x (S/224)^2 (ResNet-50) + 2 x 42.5 M x L + 4 x L^2 x 768 x 6 (DistilBERT
@@ -34,6 +41,7 @@ overrides; elsewhere (CPUs) MFU is "n/a".
 
 import argparse
 import datetime
+import functools
 import gzip
 import json
 import math
@@ -49,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
+from jaxmm.models import batchnorm  # noqa: E402
 from jaxmm.training import parallel  # noqa: E402
 from jaxmm.training import setup as setup_lib
 
@@ -95,8 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
     p.add_argument("--trace_dir", default="",
                    help=f"keep a jax.profiler trace of {TRACE_STEPS} end-to-end steps here")
+    p.add_argument("--batchnorm", default="flax",
+                   help="config.model.batchnorm; several, comma-separated: timed side by side")
+    p.add_argument("--batchnorm_reps", type=int, default=5,
+                   help="interleaved repetitions of --steps steps per value of --batchnorm")
     p.add_argument("--out", default="", help="also write the JSON result here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bad = [v for v in args.batchnorm.split(",") if v not in batchnorm.IMPLEMENTATIONS]
+    if bad:  # one line (argparse's usage error), before any compile
+        p.error(f"--batchnorm: {bad[0]!r} is not one of {', '.join(batchnorm.IMPLEMENTATIONS)}")
+    return args
 
 
 def select_devices(n: int) -> list:
@@ -121,6 +138,7 @@ def make_config(args):
     c.model.image_arch, c.model.text_arch = args.image_arch, args.text_arch
     c.model.image_pretrained = c.model.text_pretrained = ""
     c.model.dtype = args.dtype
+    c.model.batchnorm = args.batchnorm.split(",")[0]
     c.image_size, c.max_text_length = args.image_size, args.text_length
     c.stored_image_size = args.stored_image_size or math.ceil(args.image_size * 8 / 7)
     c.batch_size = args.batch_size
@@ -269,6 +287,45 @@ def measure_step(args, config, devices) -> tuple[dict, object]:
     return res, (compiled, state, key)
 
 
+def _median(values) -> float:
+    return float(np.median(np.asarray(values)))
+
+
+def compare_batchnorm(args, config, variants: list[str]) -> dict:
+    """The step alone once per ``config.model.batchnorm`` value, timed in interleaved windows
+    (order alternating per repetition), so that drift on the machine hits every value alike."""
+    key = parallel.put_replicated(jax.random.PRNGKey(config.seed))
+    runs = {}
+    for name in variants:
+        c = config.copy_and_resolve_references()
+        c.model.batchnorm = name
+        state, train_fn = build_state(c)
+        batches = to_devices(synthetic_batches(c, args.batch_size))
+        compiled, compile_s, _ = compile_step(train_fn, state, batches[0], key)
+        state, metrics = compiled(state, batches[0], key)
+        first = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
+        runs[name] = dict(step=functools.partial(run_steps, compiled), state=state,
+                          batches=batches, compile_s=round(compile_s, 2), first=first, ms=[])
+    for rep in range(args.batchnorm_reps):
+        for name in variants if rep % 2 == 0 else variants[::-1]:
+            r = runs[name]
+            r["state"], seconds = r["step"](r["state"], r["batches"], key, args.steps)
+            r["ms"].append(1000 * seconds / args.steps)
+    base = runs[variants[0]]["ms"]
+    out = {}
+    for name in variants:
+        ms = runs[name]["ms"]
+        out[name] = {"compile_s": runs[name]["compile_s"],
+                     "first_step_metrics": runs[name]["first"],
+                     "step_time_ms_median": round(_median(ms), 3),
+                     "step_time_ms": [round(t, 3) for t in ms],
+                     "samples_per_s_median": round(args.batch_size * 1000 / _median(ms), 2),
+                     f"ratio_to_{variants[0]}_median": round(_median(
+                         [t / b for t, b in zip(ms, base, strict=True)]), 4)}
+    return out
+
+
 def prepared_dataset(args, config) -> str:
     """--dataset_dir, or a synthetic dataset generated and prepared once under --work_dir."""
     if args.dataset_dir:
@@ -359,7 +416,12 @@ def run(args) -> dict:
            "text_arch": args.text_arch, "image_size": args.image_size,
            "text_length": args.text_length, "dtype": args.dtype,
            "global_batch": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-           "date": datetime.date.today().isoformat()}
+           "batchnorm": args.batchnorm, "date": datetime.date.today().isoformat()}
+    variants = args.batchnorm.split(",")
+    if len(variants) > 1:
+        res.update(steps_per_rep=args.steps, reps=args.batchnorm_reps,
+                   batchnorm_compare=compare_batchnorm(args, config, variants))
+        return res
     step_res, context = measure_step(args, config, devices)
     res.update(step_res)
     if args.compile_only:
@@ -385,6 +447,11 @@ def run(args) -> dict:
 
 def format_table(res: dict) -> str:
     """A readable two-column table of a result dict."""
+    res = dict(res)
+    for name, r in res.pop("batchnorm_compare", {}).items():  # one row per value and figure
+        res.update({f"{name}.{k}": v for k, v in r.items()
+                    if k not in ("step_time_ms", "first_step_metrics")})
+        res[f"{name}.first_step_weighted_ce"] = r["first_step_metrics"].get("weighted_ce")
     width = max(len(k) for k in res)
     lines = []
     for k, v in res.items():

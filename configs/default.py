@@ -56,6 +56,10 @@ def get_config():
     c.model.dtype = "float32"  # Compute dtype ("bfloat16" on GPUs); parameters stay float32.
     c.model.freeze_image = False  # Keep the image tower (weights and BatchNorm stats) fixed.
     c.model.freeze_text = False  # Keep the text tower fixed.
+    # BatchNorm of the image tower in training: "flax" (flax.linen.BatchNorm, autodiffed) or
+    # "fused" (a hand-written backward with the ReLU and residual add; same variables and
+    # results, inference unchanged; prepared for GPUs, see docs/benchmarks.md).
+    c.model.batchnorm = "flax"
 
     # --- Optimisation ---------------------------------------------------------------------------
     c.batch_size = 64  # Global batch, split over all devices of all processes.

@@ -47,6 +47,19 @@ def test_train_throughput_tiny(tmp_path, capsys):
     assert res["e2e_train_examples"] >= 8
 
 
+def test_train_throughput_batchnorm_values(capsys):
+    tt = _load("train_throughput")
+    assert tt.parse_args(["--batchnorm", "flax,fused"]).batchnorm == "flax,fused"
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--batchnorm", "flax,cudnn"])
+    assert "--batchnorm: 'cudnn' is not one of flax, fused" in capsys.readouterr().err
+    table = tt.format_table({"batchnorm_compare": {"fused": {
+        "step_time_ms_median": 1.5, "step_time_ms": [1.5], "first_step_metrics": {
+            "weighted_ce": 2.0}}}})
+    assert table.split() == ["fused.step_time_ms_median", "1.5", "fused.first_step_weighted_ce",
+                             "2.0"]
+
+
 def test_train_throughput_analytic_flops_and_peaks():
     tt = _load("train_throughput")
     config = tt.make_config(tt.parse_args([]))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.errors import ConfigError
-from jaxmm.models import pretrained
+from jaxmm.models import batchnorm, pretrained
 from jaxmm.models.fusion import MODALITIES, MultimodalClassifier
 from jaxmm.models.resnet import ARCHS, batchnorm_group_size, batchnorm_groups
 from jaxmm.models.text import distilbert_config
@@ -41,7 +41,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
     Args:
       model_config: ``config.model`` (modalities, image_arch, text_arch, text_pretrained,
         text_pooling, fusion, proj_dim, hidden_dim, dropout, modality_dropout, dtype,
-        freeze_image).
+        freeze_image, batchnorm).
       num_classes: number of output classes.
       vocab_size: tokenizer vocabulary size (embedding table size unless a pretrained
         'distilbert' checkpoint defines it).
@@ -65,11 +65,13 @@ def build_model(model_config, num_classes: int, vocab_size: int,
         modality_dropout=model_config.modality_dropout,
         freeze_image=bool(model_config.freeze_image), axis_name=axis_name,
         dtype=compute_dtype(model_config.dtype), batchnorm_sync=batchnorm_sync,
+        batchnorm=model_config.get("batchnorm", "flax"),
     )
 
 
 def check_model_config(model_config) -> None:
-    """One-line ConfigErrors for the towers and the image architecture of ``config.model``."""
+    """One-line ConfigErrors for the towers, the image architecture and the BatchNorm of
+    ``config.model``."""
     modalities = tuple(model_config.modalities)
     if not modalities or set(modalities) - set(MODALITIES) or len(set(modalities)) != len(
             modalities):
@@ -78,6 +80,10 @@ def check_model_config(model_config) -> None:
     if "image" in modalities and model_config.image_arch not in ARCHS:
         raise ConfigError(f"config.model.image_arch must be one of {tuple(ARCHS)}, "
                           f"got {model_config.image_arch!r}")
+    # Run records written before the key existed lack it: flax's BatchNorm, as they used.
+    if model_config.get("batchnorm", "flax") not in batchnorm.IMPLEMENTATIONS:
+        raise ConfigError(f"config.model.batchnorm must be one of {batchnorm.IMPLEMENTATIONS}, "
+                          f"got {model_config.batchnorm!r}")
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int,

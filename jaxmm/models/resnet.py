@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxmm.errors import ConfigError
+from jaxmm.models import batchnorm as fused_batchnorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,6 +75,14 @@ def batchnorm_groups(sync: str, device_count: int) -> list[list[int]] | None:
     return [list(range(g, g + size)) for g in range(0, device_count, size)]
 
 
+def _norm_relu(norm, fused: bool, name: str, x: jnp.ndarray, residual=None) -> jnp.ndarray:
+    """relu(norm(x) [+ residual]); the fused BatchNorm does all of it in one custom VJP."""
+    if fused:
+        return norm(name=name, relu=True)(x, residual=residual)
+    y = norm(name=name)(x)
+    return nn.relu(y if residual is None else y + residual)
+
+
 def normalize_images(images: jnp.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jnp.ndarray:
     """Maps uint8 (or float 0..255) NHWC images to float32 (x / 255 - mean) / std per channel
     (ImageNet's statistics by default)."""
@@ -89,6 +98,7 @@ class Bottleneck(nn.Module):
     use_projection: bool
     norm: Any
     dtype: Any = jnp.float32
+    fused: bool = False  # norm is the fused BatchNorm (it also applies the ReLUs)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -97,15 +107,15 @@ class Bottleneck(nn.Module):
             kernel_init=_conv_init,
         )
         s = (self.stride, self.stride)
-        y = nn.relu(self.norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
+        y = _norm_relu(self.norm, self.fused, "bn1", conv(self.width, (1, 1), name="conv1")(x))
         y = conv(self.width, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
-        y = self.norm(name="bn3")(conv(self.width * EXPANSION, (1, 1), name="conv3")(y))
+        y = _norm_relu(self.norm, self.fused, "bn2", y)
+        y = conv(self.width * EXPANSION, (1, 1), name="conv3")(y)
         residual = x
         if self.use_projection:
             residual = conv(self.width * EXPANSION, (1, 1), strides=s, name="downsample_conv")(x)
             residual = self.norm(name="downsample_bn")(residual)
-        return nn.relu(y + residual)
+        return _norm_relu(self.norm, self.fused, "bn3", y, residual)
 
 
 class ResNet(nn.Module):
@@ -120,6 +130,9 @@ class ResNet(nn.Module):
       batchnorm_sync: which devices of ``axis_name`` share training statistics: "global"
         (all), "device" (none: each device normalises over its own rows) or "group:N" (N
         consecutive devices). Inference never uses it (it reads the running averages).
+      batchnorm: "flax" (``flax.linen.BatchNorm``) or "fused" (``models.batchnorm.BatchNorm``,
+        with the ReLUs and residual adds, where batch statistics are computed). Same variables
+        and results; inference and frozen towers always use flax's.
     """
 
     arch: str = "resnet50"
@@ -129,6 +142,7 @@ class ResNet(nn.Module):
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     batchnorm_sync: str = "global"
+    batchnorm: str = "flax"
 
     def _norm_axis(self) -> tuple[str | None, list | None]:
         """(axis_name, axis_index_groups) of the training BatchNorm statistics."""
@@ -145,21 +159,24 @@ class ResNet(nn.Module):
         use_avg = self.frozen or not train
         # Outside a pmap the axis is unbound, so it is only named when batch stats are computed.
         axis_name, groups = (None, None) if use_avg else self._norm_axis()
+        # The running-average path is flax's in any case: inference does not depend on the switch.
+        fused = self.batchnorm == "fused" and not use_avg
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=use_avg, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=jnp.float32, axis_name=axis_name,
+            fused_batchnorm.BatchNorm if fused else nn.BatchNorm, use_running_average=use_avg,
+            momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+            axis_name=axis_name,
             axis_index_groups=groups,
         )
         x = normalize_images(images, self.mean, self.std).astype(self.dtype)
         x = nn.Conv(spec["widths"][0], (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                     use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=_conv_init, name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x))
+        x = _norm_relu(norm, fused, "bn1", x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (depth, width) in enumerate(zip(spec["depths"], spec["widths"], strict=True)):
             for block in range(depth):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = Bottleneck(width, stride, block == 0, norm, self.dtype,
+                x = Bottleneck(width, stride, block == 0, norm, self.dtype, fused,
                                name=f"layer{stage + 1}_{block}")(x)
         if not self.is_initializing():
             # Hooks for Grad-CAM (jaxmm.evaluation.explain): both are no-ops unless the caller

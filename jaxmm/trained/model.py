@@ -7,7 +7,7 @@ export bundle's ``model.json`` alike, and read back by the same ``ModelSpec.from
 - ``class_names``: the outputs, in logit order.
 - ``architecture``: the constructor fields of ``models.fusion.MultimodalClassifier``, taken from
   the module's own dataclass fields (a new hyper-parameter there is recorded without touching
-  this file), less flax's own fields, the class count and the BatchNorm axis.
+  this file), less flax's own fields, the class count and the BatchNorm axis and implementation.
 - ``preprocessing``: a ``Preprocessing``, the one description of how a raw image file and its
   text become model input. jaxmm builds its raw-image view from it (``image_view``) and nothing
   else; an export bundle records it so that a client in any language can repeat it exactly.
@@ -26,8 +26,9 @@ from jaxmm.data import captions, transforms
 
 SPEC_VERSION = 2
 # MultimodalClassifier fields that are not part of the architecture: flax's own, the class count
-# (the length of class_names) and the BatchNorm axis (a training-time setting).
-_NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name", "batchnorm_sync")
+# (the length of class_names) and the BatchNorm axis and implementation (training-time settings:
+# inference reads the running averages with flax's BatchNorm whatever they are).
+_NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name", "batchnorm_sync", "batchnorm")
 TEXT_SOURCES = captions.TEXT_SOURCES
 # Temperatures a model may carry: twice the range the fit searches (0.02 to 50) on each side.
 TEMPERATURE_RANGE = (0.01, 100.0)
