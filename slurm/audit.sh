@@ -31,15 +31,9 @@ log() { echo "[audit $(date '+%F %T')] $*"; }
 die() { log "ERROR: $*" >&2; exit 2; }
 
 root="${JAXMM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-[ -d "$root/jaxmm" ] || die "no jaxmm package in '$root': run from the repository root or set JAXMM_ROOT"
-cd "$root" || die "cannot cd to $root"
-if [ -n "${JAXMM_PYTHON:-}" ]; then
-  py="$JAXMM_PYTHON"
-elif [ -x "${VENV:-$root/.venv}/bin/python" ]; then
-  py="${VENV:-$root/.venv}/bin/python"
-else
-  py="$(command -v python3)" || die "no python3 on PATH; set JAXMM_PYTHON or VENV"
-fi
+[ -f "$root/slurm/common.sh" ] || die "no jaxmm repository at '$root': run from the repository root or set JAXMM_ROOT"
+# shellcheck source=slurm/common.sh
+source "$root/slurm/common.sh"  # cd "$root"; sets $py; defines gpus_on_node
 
 # --- the scoring job, after the array ---------------------------------------------------------
 if [ "${1:-}" = --score ]; then

@@ -26,24 +26,16 @@ log() { echo "[evaluate $(date '+%F %T')] $*"; }
 die() { log "ERROR: $*"; exit 2; }
 
 root="${JAXMM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-[ -d "$root/jaxmm" ] || die "no jaxmm package in '$root': run from the repository root or set JAXMM_ROOT"
-cd "$root" || die "cannot cd to $root"
-if [ -n "${JAXMM_PYTHON:-}" ]; then
-  py="$JAXMM_PYTHON"
-elif [ -x "${VENV:-$root/.venv}/bin/python" ]; then
-  py="${VENV:-$root/.venv}/bin/python"
-else
-  py="$(command -v python3)" || die "no python3 on PATH; set JAXMM_PYTHON or VENV"
-fi
+[ -f "$root/slurm/common.sh" ] || die "no jaxmm repository at '$root': run from the repository root or set JAXMM_ROOT"
+# shellcheck source=slurm/common.sh
+source "$root/slurm/common.sh"  # cd "$root"; sets $py; defines gpus_on_node
 
 workdir="${WORKDIR:?set WORKDIR to the training run directory}"
 split="${SPLIT:-test}"
 checkpoint="${CHECKPOINT:-best}"
 [ -d "$workdir" ] || die "WORKDIR $workdir does not exist"
 
-gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
-gpus="${gpus##*:}"
-[[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+gpus="$(gpus_on_node)"
 # A CPU-only allocation should not let a CUDA-enabled jaxlib look for GPUs.
 [ "$gpus" -gt 0 ] || export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

@@ -63,15 +63,9 @@ trap 'got_term=1; on_signal TERM' TERM
 
 # --- where and with what -------------------------------------------------------------------
 root="${JAXMM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-[ -d "$root/jaxmm" ] || die "no jaxmm package in '$root': submit from the repository root or set JAXMM_ROOT"
-cd "$root" || die "cannot cd to $root"
-if [ -n "${JAXMM_PYTHON:-}" ]; then
-  py="$JAXMM_PYTHON"
-elif [ -x "${VENV:-$root/.venv}/bin/python" ]; then
-  py="${VENV:-$root/.venv}/bin/python"
-else
-  py="$(command -v python3)" || die "no python3 on PATH; set JAXMM_PYTHON or VENV"
-fi
+[ -f "$root/slurm/common.sh" ] || die "no jaxmm repository at '$root': run from the repository root or set JAXMM_ROOT"
+# shellcheck source=slurm/common.sh
+source "$root/slurm/common.sh"  # cd "$root"; sets $py; defines gpus_on_node
 
 job_id="${SLURM_JOB_ID:?not inside a Slurm job: submit with sbatch}"
 config="${CONFIG:-configs/default.py}"
@@ -85,9 +79,7 @@ cpus="${SLURM_CPUS_PER_TASK:-1}"
 workers=$((cpus > 1 ? cpus - 1 : 0))  # one core stays with the training loop itself
 nnodes="${SLURM_JOB_NUM_NODES:-1}"
 ntasks="${SLURM_NTASKS:-1}"
-gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
-gpus="${gpus##*:}"  # "a100:4" -> "4"
-[[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+gpus="$(gpus_on_node)"
 
 srun_train=(srun --kill-on-bad-exit=1 --cpus-per-task="$cpus")
 if [ "$gpus" -gt 0 ]; then

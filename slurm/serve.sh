@@ -31,20 +31,12 @@ log() { echo "[serve $(date '+%F %T')] $*"; }
 die() { log "ERROR: $*"; exit 2; }
 
 root="${JAXMM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-[ -d "$root/jaxmm" ] || die "no jaxmm package in '$root': run from the repository root or set JAXMM_ROOT"
-cd "$root" || die "cannot cd to $root"
-if [ -n "${JAXMM_PYTHON:-}" ]; then
-  py="$JAXMM_PYTHON"
-elif [ -x "${VENV:-$root/.venv}/bin/python" ]; then
-  py="${VENV:-$root/.venv}/bin/python"
-else
-  py="$(command -v python3)" || die "no python3 on PATH; set JAXMM_PYTHON or VENV"
-fi
+[ -f "$root/slurm/common.sh" ] || die "no jaxmm repository at '$root': run from the repository root or set JAXMM_ROOT"
+# shellcheck source=slurm/common.sh
+source "$root/slurm/common.sh"  # cd "$root"; sets $py; defines gpus_on_node
 "$py" -c 'import fastapi, uvicorn' 2>/dev/null || die "the server's packages are missing: run slurm/setup_env.sh serve"
 
-gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
-gpus="${gpus##*:}"
-[[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+gpus="$(gpus_on_node)"
 [ "$gpus" -gt 0 ] || export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export PYTHONUNBUFFERED=1
 

@@ -187,6 +187,7 @@ def test_sweep_task_becomes_jax_train_with_the_runs_arguments(tmp_path):
     root = tmp_path / "root"
     (root / "slurm").mkdir(parents=True)
     (root / "jaxmm").symlink_to(ROOT / "jaxmm")
+    (root / "slurm" / "common.sh").symlink_to(ROOT / "slurm" / "common.sh")
     fake = root / "slurm" / "jax_train.sh"
     fake.write_text('#!/bin/sh\necho "pid=$$ workdir=$WORKDIR config=$CONFIG '
                     'lock=$JAXMM_PREPARE_LOCK args=$*"\n')
