@@ -49,6 +49,8 @@ def _parse(argv):
             p.error(f"--{name} {getattr(args, name)}: a probability in [0, 1]")
     if args.stage != "score" and not args.config:
         p.error("--config is required (except with --stage score)")
+    args.settings = label_issues.Settings(args.filter_by, args.min_score, args.tower_doubt,
+                                          args.conflict_confidence)
     return args, common
 
 
@@ -73,11 +75,7 @@ def _main(argv=None) -> int:
             return 0
         if audit.train_folds(args.audit_dir, runs, args.config, common, log) == "preempted":
             return EXIT_PREEMPTED
-    from jaxmm.evaluation import label_issues
-
-    settings = label_issues.Settings(args.filter_by, args.min_score, args.tower_doubt,
-                                     args.conflict_confidence)
-    for line in audit.write_report(args.audit_dir, settings, args.top, log=log):
+    for line in audit.write_report(args.audit_dir, args.settings, args.top, log=log):
         print(line)
     return 0
 
