@@ -16,10 +16,13 @@ counts once on any device count; under Slurm (``srun``, one process per GPU) eve
 evaluates its share and process 0 writes.
 """
 
+import os
+
 from absl import flags, logging
 
-from jaxmm import cli
+from jaxmm import cli, paths
 from jaxmm.errors import ConfigError
+from jaxmm.trained.workdir import Workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "Split to evaluate.")
@@ -44,7 +47,9 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.initialize_distributed()
+    # The run's compilation cache: validation compiled the same scoring program in training.
+    cli.initialize_distributed(
+        Workdir(os.path.abspath(_WORKDIR.value)).file(paths.JAX_CACHE_DIR))
     import jax
 
     from jaxmm.evaluation import report as eval_report

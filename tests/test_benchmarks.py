@@ -379,3 +379,27 @@ def test_scaling_model_orders_the_batchnorm_settings():
     assert eff[("global", "float32", 8)] == eff[("group:8", "float32", 8)]
     assert eff[("global", "float32", 64)][0] < eff[("group:8", "float32", 64)][0]
     assert "| device | float32 | 64 |" in sm.table(rows)
+
+
+@pytest.mark.slow  # trains and evaluates the tiny model once (~35 s on 2 idle cores)
+def test_time_to_result_reports_every_phase_of_a_cold_run(tmp_path, capsys):
+    ttr = _load("time_to_result")
+    res = ttr.main(["--work", str(tmp_path), "--dry_run", "--runs", "cold", "--per_class", "8"])
+    assert json.loads((tmp_path / "time_to_result.json").read_text()) == res
+    assert res["raw"]["files"] > 0 and res["raw"]["generated_s"] is not None
+    run = res["runs"]["cold"]
+    assert run["train_exit"] == 0 and run["evaluate_exit"] == 0, run
+    assert run["train_status"] == "finished" and run["epochs_completed"] == 1
+    phases = run["phases_s"]
+    assert list(phases) == ["process_start", "prepare", "startup", "compile", "train",
+                            "validation", "checkpoints", "calibration", "other",
+                            "test_evaluation"]
+    assert all(v >= 0 for v in phases.values()) and phases["prepare"] > 0  # prepared cold
+    assert sum(phases.values()) == pytest.approx(run["total_s"], abs=0.1)
+    assert 0 <= run["test"]["accuracy"] <= 1
+    assert run["goal_met"] == (run["total_s"] <= 300)
+    assert "test accuracy" in capsys.readouterr().out
+    # A warm run needs what the cold one leaves: asked alone in a new folder, it says so.
+    alone = ttr.main(["--work", str(tmp_path / "other"), "--dry_run", "--runs", "warm",
+                      "--per_class", "8"])
+    assert "needs the cold run" in alone["runs"]["warm"]["error"]

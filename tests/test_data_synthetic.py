@@ -120,3 +120,13 @@ def test_label_noise_flips_a_fraction_of_train_and_writes_the_truth(tmp_path):
     again = synthetic.generate(str(tmp_path / "again"), per_class=15, seed=4, max_side=48,
                                workers=1, label_noise=0.2)
     assert _digest(again) == _digest(noisy)
+
+
+def test_real_size_plans_the_real_counts():
+    plan = synthetic._plan(per_class=7, seed=0, max_side=1024, real_size=True)  # per_class ignored
+    assert len(plan) == 15_431
+    for split in synthetic.SPLITS:
+        counts = [sum(1 for p in plan if p[:2] == (split, cls)) for cls in synthetic.CLASSES]
+        assert counts == list(synthetic.REAL_COUNTS[split]), split
+    assert len({p[:3] for p in plan}) == len(plan)  # one file per (split, class, name)
+    assert max(max(p[5]) for p in plan) == 1024

@@ -58,6 +58,13 @@ def test_run_leaves_every_artefact(reference_run):
     rows = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
     assert {r["kind"] for r in rows} == {"train", "val"}
     assert all(np.isfinite(r["loss"]) for r in rows)
+    # Where the run's time went: every phase of a finished run, adding up to its total.
+    seconds = summary["seconds"]
+    assert list(seconds) == ["prepare", "startup", "compile", "train", "validation",
+                             "checkpoints", "calibration", "other", "total"]
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(seconds.values()) - seconds["total"] == pytest.approx(seconds["total"], abs=0.01)
+    assert seconds["compile"] >= summary["compile_seconds"] - 0.01
 
 
 def _wait_for_train_row(workdir, proc, step, timeout=300):

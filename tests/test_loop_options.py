@@ -154,6 +154,25 @@ def test_progress_on_a_terminal_is_a_bar(capsys):
     assert lines == [] and "4/4" in capsys.readouterr().err
 
 
+def test_phase_clock_counts_nested_phases_once(monkeypatch):
+    now = iter([0.0,  # the clock starts
+                1.0, 3.0, 7.0, 8.0,  # startup 1..8 holding prepare 3..7
+                10.0, 12.0, 13.0, 16.0,  # train twice: 2 s + 3 s
+                20.0])  # record
+    monkeypatch.setattr(train_log.time, "perf_counter", lambda: next(now))
+    clock = train_log.PhaseClock()
+    with clock.phase("startup"):
+        with clock.phase("prepare"):
+            pass
+    for _ in range(2):
+        with clock.phase("train"):
+            pass
+    record = clock.record()
+    assert record == {"prepare": 4.0, "startup": 3.0, "train": 5.0, "other": 8.0, "total": 20.0}
+    assert list(record) == ["prepare", "startup", "train", "other", "total"]  # the phases' order
+    assert train_log.format_seconds(record).startswith("prepare 4.0 s, startup 3.0 s, train 5.0 s")
+
+
 def test_resuming_a_run_of_per_device_keys_is_warned_in_one_line(monkeypatch):
     from configs import demo
 

@@ -7,8 +7,11 @@ split, mostly PNG with some JPEG and RGBA files, photo-like texture, and colours
 correlate with the class so an image-only model beats chance. Deterministic for a seed. Writes
 only into a new or empty folder (never among files of a real dataset).
 
-    python -m jaxmm.data.synthetic --out DIR [--per_class N] [--seed S] [--max_side PX]
-        [--label_noise P]
+    python -m jaxmm.data.synthetic --out DIR [--per_class N | --real_size] [--seed S]
+        [--max_side PX] [--label_noise P]
+
+``--real_size`` writes as many files per split and class as the real dataset (15,431, about
+1 MB each at the default 1024 px: ~15 GB), for measuring the whole workflow at full size.
 
 With ``--label_noise P`` a fraction P of the Train files (chosen deterministically from the
 seed) is drawn and described as one class and filed under another: wrong labels, as people
@@ -52,6 +55,9 @@ ITEMS = {
 TRAIN_SHARE = (0.207, 0.427, 0.195, 0.171)
 TEST_SHARE = (0.203, 0.316, 0.233, 0.248)
 SPLIT_SCALE = {"Train": 1.0, "Val": 0.18, "Test": 0.34}
+# Files per class (Black, Blue, Green, TTR) of one offering of the real dataset: 15,431 in all.
+REAL_COUNTS = {"Train": (2111, 4355, 1991, 1743), "Val": (372, 768, 352, 308),
+               "Test": (695, 1085, 799, 852)}
 
 # Class appearance: base RGB colour of the object and a shape; the background is shared.
 _STYLE = {"Black": ((40, 40, 45), "ellipse"), "Blue": ((40, 90, 200), "rectangle"),
@@ -68,8 +74,11 @@ _TEXT_NOISE = 0.12
 TRUTH_FILE = "label_noise_truth.csv"  # written with --label_noise; never read by jaxmm
 
 
-def class_counts(per_class: int, split: str) -> list[int]:
-    """Files per class of a split (at least 2 each), imbalanced like the real data."""
+def class_counts(per_class: int, split: str, real_size: bool = False) -> list[int]:
+    """Files per class of a split (at least 2 each), imbalanced like the real data; with
+    ``real_size`` the real dataset's own counts (``REAL_COUNTS``), whatever ``per_class``."""
+    if real_size:
+        return list(REAL_COUNTS[split])
     share = TEST_SHARE if split == "Test" else TRAIN_SHARE
     total = per_class * len(CLASSES) * SPLIT_SCALE[split]
     return [max(2, round(total * s)) for s in share]
@@ -94,12 +103,12 @@ def _file_name(item: str, k: int, rng: np.random.Generator, used: set) -> str:
     return name
 
 
-def _plan(per_class: int, seed: int, max_side: int) -> list[tuple]:
+def _plan(per_class: int, seed: int, max_side: int, real_size: bool = False) -> list[tuple]:
     """Every file to write: (split, class, file name, item, image seed, size, rgba)."""
     rng = np.random.default_rng(seed)
     plan = []
     for split in SPLITS:
-        for cls, count in zip(CLASSES, class_counts(per_class, split), strict=True):
+        for cls, count in zip(CLASSES, class_counts(per_class, split, real_size), strict=True):
             items = ITEMS[cls]
             weights = np.ones(len(items))
             weights[-2:] = 4.0 if split == "Test" else 0.3
@@ -229,7 +238,8 @@ def check_target(out_dir: str) -> None:
 
 
 def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1024,
-             workers: int | None = None, label_noise: float = 0.0) -> str:
+             workers: int | None = None, label_noise: float = 0.0,
+             real_size: bool = False) -> str:
     """Writes the synthetic dataset into a new or empty folder.
 
     The files are written into a sibling folder first and renamed to out_dir at the end, so an
@@ -243,6 +253,8 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
       workers: processes used to render (default: all cores).
       label_noise: fraction of Train files filed under a wrong class (``flip_labels``); the
         truth goes to ``TRUTH_FILE``.
+      real_size: as many files per split and class as the real dataset (``REAL_COUNTS``,
+        15,431 files, about 15 GB at the default max_side); per_class is then ignored.
 
     Returns:
       out_dir.
@@ -253,7 +265,7 @@ def generate(out_dir: str, per_class: int = 40, seed: int = 0, max_side: int = 1
     check_target(out_dir)
     final, out_dir = out_dir, f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    plan = _plan(per_class, seed, max_side)
+    plan = _plan(per_class, seed, max_side, real_size)
     if label_noise:
         plan, truth = flip_labels(plan, label_noise, seed)
     for split in SPLITS:
@@ -281,12 +293,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per_class", type=int, default=40, help="average Train files per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_side", type=int, default=1024, help="longest side in pixels")
+    parser.add_argument("--real_size", action="store_true",
+                        help="the real dataset's file counts per split and class (15,431 "
+                             "files, ~15 GB at 1024 px); --per_class is then ignored")
     parser.add_argument("--label_noise", type=float, default=0.0,
                         help=f"fraction of Train files filed under a wrong class (truth in "
                              f"{TRUTH_FILE})")
     args = parser.parse_args(argv)
-    generate(args.out, args.per_class, args.seed, args.max_side, label_noise=args.label_noise)
-    print(f"wrote {len(_plan(args.per_class, args.seed, args.max_side))} images to {args.out}"
+    generate(args.out, args.per_class, args.seed, args.max_side, label_noise=args.label_noise,
+             real_size=args.real_size)
+    count = len(_plan(args.per_class, args.seed, args.max_side, args.real_size))
+    print(f"wrote {count} images to {args.out}"
           + (f"; wrong Train labels listed in {TRUTH_FILE}" if args.label_noise else ""))
 
 

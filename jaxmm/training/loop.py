@@ -78,11 +78,13 @@ class Setup:
     total_steps: int
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+def build(config: ml_collections.ConfigDict, workdir: str,
+          clock: train_log.PhaseClock | None = None) -> Setup:
     """Checks the config, prepares the data (once), loads the tokenizer, builds the model and
     optimizer (no variables yet: a resume never initialises them)."""
     setup_lib.validate_config(config)
-    data = setup_lib.prepared_data(config)
+    with (clock or train_log.PhaseClock()).phase("prepare"):
+        data = setup_lib.prepared_data(config)
     tokenizer = setup_lib.load_tokenizer(config, data.dataset_dir, Workdir(workdir))
     # Train as the run sees it: without the examples config.exclude_file leaves out.
     steps_per_epoch, total_steps = setup_lib.schedule_lengths(config, len(data.sources["train"]))
@@ -184,17 +186,21 @@ class _Run:
         return self.step // self.setup.steps_per_epoch
 
     # -- per step ---------------------------------------------------------------------------
-    def train_step(self, batches) -> None:
-        """One train step on the next batch; the first one's compile time is logged."""
-        device_batch, self.iter_state = next(batches)
-        t0 = time.perf_counter()
-        self.state, m = self.train_fn(self.state, device_batch, self.root_key)
-        self.step += 1
-        self.add_metrics(m)
-        if self.compile_s is None:
-            jax.block_until_ready(m)
-            self.compile_s = time.perf_counter() - t0
-            log.info("first step (compile + run): %.1f s", self.compile_s)
+    def train_step(self, batches, clock: train_log.PhaseClock) -> None:
+        """One train step on the next batch; the first one's compile time is logged (and the
+        wait for the first batch counts as start-up: the input pipeline starting)."""
+        first = self.compile_s is None
+        with clock.phase("startup" if first else "train"):
+            device_batch, self.iter_state = next(batches)
+        with clock.phase("compile" if first else "train"):
+            t0 = time.perf_counter()
+            self.state, m = self.train_fn(self.state, device_batch, self.root_key)
+            self.step += 1
+            self.add_metrics(m)
+            if first:
+                jax.block_until_ready(m)
+                self.compile_s = time.perf_counter() - t0
+                log.info("first step (compile + run): %.1f s", self.compile_s)
 
     def add_metrics(self, m):
         self.window, self.bad = _add_metrics(self.window, self.bad, m)
@@ -286,10 +292,10 @@ def _workdir_lock(workdir: str):
         held.release()
 
 
-def _start(config, workdir: str) -> "_Run":
+def _start(config, workdir: str, clock: train_log.PhaseClock) -> "_Run":
     """Builds the run; a resume is checked against the run record before anything is written,
     which is written only when the run starts (or predates run records)."""
-    setup = build(config, workdir)
+    setup = build(config, workdir, clock)
     wd = Workdir(workdir)
     resuming = (checkpointing.available(workdir)["latest"] is not None
                 or config.resume_step >= 0)
@@ -316,50 +322,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       The run summary (also written to ``paths.SUMMARY_FILE`` in the workdir); its ``status`` is
       "finished", "early_stopped" or "preempted" (the caller exits with EXIT_PREEMPTED).
     """
+    clock = train_log.PhaseClock()
     os.makedirs(workdir, exist_ok=True)
     signals = StopSignals()
     with _workdir_lock(workdir):
-        return _train(config, workdir, signals)
+        return _train(config, workdir, signals, clock)
 
 
-def _train(config, workdir: str, signals: StopSignals) -> dict:
+def _train(config, workdir: str, signals: StopSignals, clock: train_log.PhaseClock) -> dict:
     """One loop over steps; logging, validation, stopping and saving are periodic actions keyed
-    on the step (the save policy is the checkpoint layer's)."""
-    run = _start(config, workdir)
+    on the step (the save policy is the checkpoint layer's). ``clock`` gets the time of each
+    phase (the summary's ``seconds``)."""
+    with clock.phase("startup"):
+        run = _start(config, workdir, clock)
     setup, spe, p = run.setup, run.setup.steps_per_epoch, run.progress
     batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
     bar = None
     while p.status == Status.RUNNING and run.step < setup.total_steps:
         bar = bar or train_log.ProgressBar(run.epoch, spe, run.step % spe,
                                            config.get("log_every_seconds", 30.0))
-        run.train_step(batches)
-        bar.update(1)
-        epoch_end = run.step % spe == 0
-        if run.step % config.log_every_steps == 0 or epoch_end:
-            run.log_train(bar)
-        stop = signals.should_stop(run.step, config.signal_check_every_steps)
-        if stop or epoch_end:
-            bar.close()
-            bar = None
+        run.train_step(batches, clock)
+        with clock.phase("train"):
+            bar.update(1)
+            epoch_end = run.step % spe == 0
+            if run.step % config.log_every_steps == 0 or epoch_end:
+                run.log_train(bar)
+            stop = signals.should_stop(run.step, config.signal_check_every_steps)
+            if stop or epoch_end:
+                bar.close()
+                bar = None
         if stop:
             p.status = Status.PREEMPTED
             log.warning("%s received: saving step %d and exiting", signals.received, run.step)
         elif epoch_end:
-            if run.evaluate_epoch():
-                p.status = Status.EARLY_STOPPED
-            elif run.step >= setup.total_steps:
-                p.status = Status.FINISHED
+            with clock.phase("validation"):
+                if run.evaluate_epoch():
+                    p.status = Status.EARLY_STOPPED
+                elif run.step >= setup.total_steps:
+                    p.status = Status.FINISHED
         if run.ckpts.should_save(run.step, every=config.checkpoint_every_steps,
                                  epoch_end=epoch_end, stopping=p.status != Status.RUNNING):
-            run.save()
+            with clock.phase("checkpoints"):
+                run.save()
     if bar is not None:
         bar.close()
-    run.ckpts.wait()
+    with clock.phase("checkpoints"):
+        run.ckpts.wait()
     run.train_iter.close()  # Stops grain workers and frees their shared memory.
     if (p.status != Status.PREEMPTED and p.best_step is not None
             and run.config.get("calibration", "trusted") != "off"):
-        _fit_calibration(run)
-    summary = _summary(run, run.compile_s)
+        with clock.phase("calibration"):
+            _fit_calibration(run)
+    summary = _summary(run, run.compile_s, clock)
     run.ckpts.close()
     run.writer.close()
     return summary
@@ -387,7 +401,7 @@ def _abs_sum(params) -> jax.Array:
     return sum(jnp.abs(x.astype(jnp.float32)).sum() for x in jax.tree.leaves(params))
 
 
-def _summary(run: _Run, compile_s) -> dict:
+def _summary(run: _Run, compile_s, clock: train_log.PhaseClock) -> dict:
     p = run.progress
     checksum = float(_abs_sum(run.state.params))
     summary = {"status": p.status.value, "step": run.step, "epochs_completed": run.epoch,
@@ -399,5 +413,8 @@ def _summary(run: _Run, compile_s) -> dict:
     if train_log.is_writer():
         summary["learning_curves"] = train_log.plot_learning_curves(
             run.workdir, run.config.early_stopping_metric)
+    summary["seconds"] = clock.record()
+    log.info("time: %s", train_log.format_seconds(summary["seconds"]))
+    if train_log.is_writer():
         run.workdir.write_summary(summary)
     return summary

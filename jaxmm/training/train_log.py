@@ -2,6 +2,7 @@
 versions and devices, a learning-curve PNG, a progress bar and the closing summary. Everything
 here is a no-op on processes other than 0."""
 
+import contextlib
 import datetime
 import logging
 import os
@@ -168,6 +169,57 @@ class ProgressBar:
             self._bar.close()
         elif self._enabled and self._done != self._logged_at:
             self._line(time.monotonic())
+
+
+class PhaseClock:
+    """Wall-clock seconds of a training process by phase: where the time to a result goes.
+
+    Phases (each a sum over the run; absent when it did not happen): ``prepare`` (preparing or
+    opening the dataset), ``startup`` (tokenizer, model, optimizer, initial or restored state,
+    input pipeline), ``compile`` (the first train step: compile + run), ``train`` (every other
+    step, input waits and logging included), ``validation`` (the epoch-end passes and the best
+    checkpoint's save), ``checkpoints`` (the time the loop waited on saves), ``calibration``;
+    ``other`` is the rest of ``total`` (locking, the summary and its plot). Train steps run
+    asynchronously: a phase ends waiting on the devices (the epoch-end metrics fetch, a
+    validation result), so the device work lands in the phase that issued it. Only this
+    process's work is counted: a resumed run reports the time since it resumed.
+    """
+
+    ORDER = ("prepare", "startup", "compile", "train", "validation", "checkpoints",
+             "calibration")
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._inner: list[float] = []  # per open phase: seconds of the phases opened inside it
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Adds the time spent inside the block to phase ``name``, less the time of phases
+        opened inside it (which count for themselves)."""
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t0
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
+
+    def record(self) -> dict[str, float]:
+        """Seconds per phase (in ORDER), ``other`` and ``total``, rounded to milliseconds."""
+        total = time.perf_counter() - self._start
+        out = {k: round(self.seconds[k], 3) for k in self.ORDER if k in self.seconds}
+        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
+        out["total"] = round(total, 3)
+        return out
+
+
+def format_seconds(record: dict) -> str:
+    """One line of a PhaseClock record: 'prepare 12.3 s, startup 4.1 s, ..., total 95.0 s'."""
+    return ", ".join(f"{k} {v:.1f} s" for k, v in record.items())
 
 
 def _clock(seconds: float) -> str:
