@@ -403,3 +403,33 @@ def test_time_to_result_reports_every_phase_of_a_cold_run(tmp_path, capsys):
     alone = ttr.main(["--work", str(tmp_path / "other"), "--dry_run", "--runs", "warm",
                       "--per_class", "8"])
     assert "needs the cold run" in alone["runs"]["warm"]["error"]
+
+
+def test_step_ratio_rotates_the_order_and_reports_the_spread(monkeypatch, tmp_path):
+    sr = _load("step_ratio")
+    args = sr.parse_args(["--reps", "3", "--variant", "flax=", "--variant",
+                          "fused=--batchnorm fused", "--work", str(tmp_path)])
+    cmds = sr.commands(args)
+    assert list(cmds) == ["flax", "fused", "torch"]
+    assert cmds["fused"][-2:] == ["--batchnorm", "fused"] and "--skip_e2e" in cmds["flax"]
+    assert cmds["torch"][cmds["torch"].index("--modes") + 1] == "tuned"
+    rates = {"flax": [600, 500, 700], "fused": [650, 640, 660], "torch": [500, 500, 1000]}
+    calls = []
+
+    def fake(name, cmd, rep, args, env):
+        calls.append(name)
+        return {"samples_per_s": rates[name][rep], "step_time_ms": 1.0, "device": "test"}
+
+    monkeypatch.setattr(sr, "run_one", fake)
+    res = sr.main(["--reps", "3", "--variant", "flax=", "--variant", "fused=--batchnorm fused",
+                   "--work", str(tmp_path)])
+    assert calls == ["flax", "fused", "torch", "fused", "torch", "flax", "torch", "flax", "fused"]
+    s = res["summary"]
+    assert s["torch"] == {"median": 500, "min": 500, "max": 1000, "n": 3}
+    assert s["flax_vs_torch"]["ratio_of_medians"] == 1.2 and s["flax_vs_torch"]["goal_met"]
+    assert s["flax_vs_torch"]["pair_ratios"] == {"median": 1.0, "min": 0.7, "max": 1.2, "n": 3}
+    assert not s["flax_vs_torch"]["goal_met_in_every_pair"]
+    assert s["fused_vs_torch"]["ratio_of_medians"] == 1.3
+    assert json.loads((tmp_path / "step_ratio.json").read_text())["summary"] == s
+    with pytest.raises(SystemExit):
+        sr.parse_args(["--variant", "torch=--x"])
