@@ -109,6 +109,9 @@ def get_config():
     c.log_every_seconds = 30.0  # Output not a terminal (Slurm logs): a progress line this often.
     c.signal_check_every_steps = 5  # Multi-process runs agree on a stop signal this often.
     c.prefetch_batches = 2  # Batches placed on the devices ahead of the step.
+    # Draw batches and copy them to the devices in a background thread, overlapping the copy
+    # with the steps (same batches in the same order, same results; docs/benchmarks.md).
+    c.prefetch_thread = False
     # Experiment tracking (needs requirements-tracking.txt; docs/tracking.md). metrics.jsonl stays
     # the record of truth; a tracking failure is one warning and training goes on.
     c.tracking = ""  # "" = off, "mlflow", or "wandb" (offline, into <workdir>/wandb; sync later).

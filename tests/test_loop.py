@@ -86,6 +86,8 @@ KILL_SEED = 0  # the kill step is drawn from it: every run of the test kills at 
 
 
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, data_dir, tmp_path):
+    """Both halves draw their batches in a prefetch thread (config.prefetch_thread), the
+    reference in line: the thread changes neither the batches nor the saved data position."""
     from jaxmm.training import checkpointing
 
     ref = _summary(reference_run)
@@ -93,16 +95,16 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, data_dir, tmp_p
     # A logged step of the first epoch past the first checkpoint (every 3 steps); the second
     # epoch (its evaluation and saves) is still ahead when the kill lands.
     kill_at = int(np.random.default_rng(KILL_SEED).integers(4, per_epoch + 1))
-    proc = subprocess.Popen(_train_cmd(tmp_path, data_dir), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = _train_cmd(tmp_path, data_dir, prefetch_thread=True)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     _wait_for_train_row(tmp_path, proc, kill_at)
     assert proc.poll() is None, "the run ended before it was killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = checkpointing.available(str(tmp_path))["latest"]
     assert saved is not None and 0 < saved < ref["step"], saved
-    out = subprocess.run(_train_cmd(tmp_path, data_dir), env=_env(), capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     # It went on from the newest checkpoint, not from step 0 (training is deterministic, so
     # a restart from scratch would end with the same numbers).
@@ -115,8 +117,10 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, data_dir, tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_exits_75_and_resumes(data_dir, tmp_path, sig):
-    # More epochs than the reference, so the signal surely lands mid-training.
-    cmd = _train_cmd(tmp_path, data_dir, num_epochs=4)
+    # More epochs than the reference, so the signal surely lands mid-training; with SIGUSR1
+    # the batches come from a prefetch thread, which must not keep the process from exiting.
+    cmd = _train_cmd(tmp_path, data_dir, num_epochs=4,
+                     prefetch_thread=sig == signal.SIGUSR1)
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(tmp_path, proc)

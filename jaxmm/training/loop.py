@@ -336,7 +336,8 @@ def _train(config, workdir: str, signals: StopSignals, clock: train_log.PhaseClo
     with clock.phase("startup"):
         run = _start(config, workdir, clock)
     setup, spe, p = run.setup, run.setup.steps_per_epoch, run.progress
-    batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches)
+    batches = parallel.prefetch_to_device(run.train_iter, config.prefetch_batches,
+                                          thread=config.get("prefetch_thread", False))
     bar = None
     while p.status == Status.RUNNING and run.step < setup.total_steps:
         bar = bar or train_log.ProgressBar(run.epoch, spe, run.step % spe,
@@ -368,6 +369,7 @@ def _train(config, workdir: str, signals: StopSignals, clock: train_log.PhaseClo
         bar.close()
     with clock.phase("checkpoints"):
         run.ckpts.wait()
+    batches.close()  # Stops a prefetch thread before the iterator it draws from.
     run.train_iter.close()  # Stops grain workers and frees their shared memory.
     if (p.status != Status.PREEMPTED and p.best_step is not None
             and run.config.get("calibration", "trusted") != "off"):
