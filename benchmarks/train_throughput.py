@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --image_arch tiny --text_arch tiny --image_size 32 \
         --text_length 8 --batch_size 8 --steps 3 --warmup 1      # CPU smoke run
     python benchmarks/train_throughput.py --dtype bfloat16 --batch_size 256 \
-        --batchnorm flax,fused --batchnorm_reps 10 --out bn.json  # BatchNorm A/B
+        --batchnorm flax,fused --stem conv,space_to_depth --batchnorm_reps 10 --out ab.json
 
 Default model: ResNet-50 at 224 px + DistilBERT (6 layers, 768 wide, vocabulary 30522) at text
 length 32, random init (weights do not change the speed), concat fusion head, class-weighted
@@ -21,11 +21,12 @@ Also: compile time (lower + compile), step time, peak device memory, the memory 
 train state's size (which ``gpu_suite_report.py largest`` turns into the largest batch), and MFU.
 --compile_only stops after the compile: run with JAX_COMPILATION_CACHE_DIR set, it fills the
 cache that a later measurement of the same step reads (benchmarks/gpu_suite.sh does so).
---batchnorm A,B (values of config.model.batchnorm) measures instead the step alone once per
-value, each compiled with its own train state from the same initialisation, the windows
-interleaved (order alternating) --batchnorm_reps times; it reports per value the compile time,
-the first step's metrics (the same model: they should agree), the median step time and the
-median of the per-repetition ratios to the first value.
+--batchnorm A,B (values of config.model.batchnorm) and/or --stem C,D (config.model.stem)
+measure instead the step alone once per combination (named like "fused+space_to_depth", only
+by the switches given more than one value), each compiled with its own train state from the
+same initialisation, the windows interleaved (order alternating) --batchnorm_reps times; it
+reports per combination the compile time, the first step's metrics (the same model: they
+should agree), the median step time and the median of the per-repetition ratios to the first.
 
 FLOPs per sample: for the full model the analytic count, 3 x forward (forward + backward),
 forward = 2 x 4.09 GMAC x (S/224)^2 (ResNet-50) + 2 x 42.5 M x L + 4 x L^2 x 768 x 6 (DistilBERT
@@ -43,6 +44,7 @@ import argparse
 import datetime
 import functools
 import gzip
+import itertools
 import json
 import math
 import os
@@ -58,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default as default_config  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
 from jaxmm.models import batchnorm  # noqa: E402
+from jaxmm.models.resnet import STEMS  # noqa: E402
 from jaxmm.training import parallel  # noqa: E402
 from jaxmm.training import setup as setup_lib
 
@@ -106,14 +109,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"keep a jax.profiler trace of {TRACE_STEPS} end-to-end steps here")
     p.add_argument("--batchnorm", default="flax",
                    help="config.model.batchnorm; several, comma-separated: timed side by side")
+    p.add_argument("--stem", default="conv",
+                   help="config.model.stem; several, comma-separated: timed side by side")
     p.add_argument("--batchnorm_reps", type=int, default=5,
-                   help="interleaved repetitions of --steps steps per value of --batchnorm")
+                   help="interleaved repetitions of --steps steps per compared combination")
     p.add_argument("--out", default="", help="also write the JSON result here")
     args = p.parse_args(argv)
-    bad = [v for v in args.batchnorm.split(",") if v not in batchnorm.IMPLEMENTATIONS]
-    if bad:  # one line (argparse's usage error), before any compile
-        p.error(f"--batchnorm: {bad[0]!r} is not one of {', '.join(batchnorm.IMPLEMENTATIONS)}")
+    for flag, allowed in (("batchnorm", batchnorm.IMPLEMENTATIONS), ("stem", STEMS)):
+        bad = [v for v in getattr(args, flag).split(",") if v not in allowed]
+        if bad:  # one line (argparse's usage error), before any compile
+            p.error(f"--{flag}: {bad[0]!r} is not one of {', '.join(allowed)}")
     return args
+
+
+def model_variants(args) -> dict[str, dict]:
+    """name -> config.model overrides, one per combination of the --batchnorm and --stem
+    values; named by the switches given several values ("fused+space_to_depth")."""
+    choices = {"batchnorm": args.batchnorm.split(","), "stem": args.stem.split(",")}
+    varied = [k for k, v in choices.items() if len(v) > 1]
+    out = {}
+    for combo in itertools.product(*choices.values()):
+        values = dict(zip(choices, combo, strict=True))
+        out["+".join(values[k] for k in varied) or values["batchnorm"]] = values
+    return out
 
 
 def select_devices(n: int) -> list:
@@ -139,6 +157,7 @@ def make_config(args):
     c.model.image_pretrained = c.model.text_pretrained = ""
     c.model.dtype = args.dtype
     c.model.batchnorm = args.batchnorm.split(",")[0]
+    c.model.stem = args.stem.split(",")[0]
     c.image_size, c.max_text_length = args.image_size, args.text_length
     c.stored_image_size = args.stored_image_size or math.ceil(args.image_size * 8 / 7)
     c.batch_size = args.batch_size
@@ -291,14 +310,15 @@ def _median(values) -> float:
     return float(np.median(np.asarray(values)))
 
 
-def compare_batchnorm(args, config, variants: list[str]) -> dict:
-    """The step alone once per ``config.model.batchnorm`` value, timed in interleaved windows
-    (order alternating per repetition), so that drift on the machine hits every value alike."""
+def compare_variants(args, config, variants: dict[str, dict]) -> dict:
+    """The step alone once per variant (``config.model`` overrides), timed in interleaved
+    windows (order alternating per repetition), so that drift on the machine hits every
+    variant alike."""
     key = parallel.put_replicated(jax.random.PRNGKey(config.seed))
     runs = {}
-    for name in variants:
+    for name, overrides in variants.items():
         c = config.copy_and_resolve_references()
-        c.model.batchnorm = name
+        c.model.update(overrides)
         state, train_fn = build_state(c)
         batches = to_devices(synthetic_batches(c, args.batch_size))
         compiled, compile_s, _ = compile_step(train_fn, state, batches[0], key)
@@ -307,6 +327,7 @@ def compare_batchnorm(args, config, variants: list[str]) -> dict:
         state, _ = run_steps(compiled, state, batches, key, max(args.warmup, 1))
         runs[name] = dict(step=functools.partial(run_steps, compiled), state=state,
                           batches=batches, compile_s=round(compile_s, 2), first=first, ms=[])
+    variants = list(variants)
     for rep in range(args.batchnorm_reps):
         for name in variants if rep % 2 == 0 else variants[::-1]:
             r = runs[name]
@@ -417,10 +438,11 @@ def run(args) -> dict:
            "text_length": args.text_length, "dtype": args.dtype,
            "global_batch": args.batch_size, "steps": args.steps, "warmup": args.warmup,
            "batchnorm": args.batchnorm, "date": datetime.date.today().isoformat()}
-    variants = args.batchnorm.split(",")
+    res["stem"] = args.stem
+    variants = model_variants(args)
     if len(variants) > 1:
         res.update(steps_per_rep=args.steps, reps=args.batchnorm_reps,
-                   batchnorm_compare=compare_batchnorm(args, config, variants))
+                   variant_compare=compare_variants(args, config, variants))
         return res
     step_res, context = measure_step(args, config, devices)
     res.update(step_res)
@@ -448,7 +470,7 @@ def run(args) -> dict:
 def format_table(res: dict) -> str:
     """A readable two-column table of a result dict."""
     res = dict(res)
-    for name, r in res.pop("batchnorm_compare", {}).items():  # one row per value and figure
+    for name, r in res.pop("variant_compare", {}).items():  # one row per variant and figure
         res.update({f"{name}.{k}": v for k, v in r.items()
                     if k not in ("step_time_ms", "first_step_metrics")})
         res[f"{name}.first_step_weighted_ce"] = r["first_step_metrics"].get("weighted_ce")

@@ -60,6 +60,10 @@ def get_config():
     # "fused" (a hand-written backward with the ReLU and residual add; same variables and
     # results, inference unchanged; prepared for GPUs, see docs/benchmarks.md).
     c.model.batchnorm = "flax"
+    # The image tower's 7x7 stride-2 stem convolution in training: "conv" as written, or
+    # "space_to_depth" (the same convolution and parameter computed as a 4x4 stride-1 one over
+    # 2x2 pixel blocks: 12 input channels instead of 3; prepared for GPUs, docs/model.md).
+    c.model.stem = "conv"
 
     # --- Optimisation ---------------------------------------------------------------------------
     c.batch_size = 64  # Global batch, split over all devices of all processes.

@@ -53,7 +53,19 @@ def test_train_throughput_batchnorm_values(capsys):
     with pytest.raises(SystemExit):
         tt.parse_args(["--batchnorm", "flax,cudnn"])
     assert "--batchnorm: 'cudnn' is not one of flax, fused" in capsys.readouterr().err
-    table = tt.format_table({"batchnorm_compare": {"fused": {
+    assert tt.parse_args(["--stem", "conv,space_to_depth"]).stem == "conv,space_to_depth"
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--stem", "s2d"])
+    assert "--stem: 's2d' is not one of conv, space_to_depth" in capsys.readouterr().err
+    assert list(tt.model_variants(tt.parse_args(["--batchnorm", "flax,fused"]))) == [
+        "flax", "fused"]
+    both = tt.model_variants(tt.parse_args(["--batchnorm", "flax,fused", "--stem",
+                                            "conv,space_to_depth"]))
+    assert both["fused+space_to_depth"] == {"batchnorm": "fused", "stem": "space_to_depth"}
+    assert list(both)[0] == "flax+conv" and len(both) == 4
+    assert list(tt.model_variants(tt.parse_args(["--stem", "conv,space_to_depth"]))) == [
+        "conv", "space_to_depth"]
+    table = tt.format_table({"variant_compare": {"fused": {
         "step_time_ms_median": 1.5, "step_time_ms": [1.5], "first_step_metrics": {
             "weighted_ce": 2.0}}}})
     assert table.split() == ["fused.step_time_ms_median", "1.5", "fused.first_step_weighted_ce",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxmm.errors import ConfigError
 from jaxmm.models import batchnorm, pretrained
 from jaxmm.models.fusion import MODALITIES, MultimodalClassifier
-from jaxmm.models.resnet import ARCHS, batchnorm_group_size, batchnorm_groups
+from jaxmm.models.resnet import ARCHS, STEMS, batchnorm_group_size, batchnorm_groups
 from jaxmm.models.text import distilbert_config
 
 __all__ = ["batchnorm_groups", "build_model", "compute_dtype", "init_variables", "param_labels",
@@ -41,7 +41,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
     Args:
       model_config: ``config.model`` (modalities, image_arch, text_arch, text_pretrained,
         text_pooling, fusion, proj_dim, hidden_dim, dropout, modality_dropout, dtype,
-        freeze_image, batchnorm).
+        freeze_image, batchnorm, stem).
       num_classes: number of output classes.
       vocab_size: tokenizer vocabulary size (embedding table size unless a pretrained
         'distilbert' checkpoint defines it).
@@ -65,7 +65,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
         modality_dropout=model_config.modality_dropout,
         freeze_image=bool(model_config.freeze_image), axis_name=axis_name,
         dtype=compute_dtype(model_config.dtype), batchnorm_sync=batchnorm_sync,
-        batchnorm=model_config.get("batchnorm", "flax"),
+        batchnorm=model_config.get("batchnorm", "flax"), stem=model_config.get("stem", "conv"),
     )
 
 
@@ -84,6 +84,8 @@ def check_model_config(model_config) -> None:
     if model_config.get("batchnorm", "flax") not in batchnorm.IMPLEMENTATIONS:
         raise ConfigError(f"config.model.batchnorm must be one of {batchnorm.IMPLEMENTATIONS}, "
                           f"got {model_config.batchnorm!r}")
+    if model_config.get("stem", "conv") not in STEMS:
+        raise ConfigError(f"config.model.stem must be one of {STEMS}, got {model_config.stem!r}")
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int,

@@ -114,6 +114,7 @@ class MultimodalClassifier(nn.Module):
     dtype: Any = jnp.float32
     batchnorm_sync: str = "global"  # training only; see ResNet
     batchnorm: str = "flax"  # training-time BatchNorm implementation; see ResNet
+    stem: str = "conv"  # training-time stem convolution; see ResNet
     # Normalisation of the uint8 image inside the model: (x / 255 - mean) / std per channel.
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
@@ -151,7 +152,7 @@ class MultimodalClassifier(nn.Module):
                                     self.freeze_image, mean=tuple(self.image_mean),
                                     std=tuple(self.image_std),
                                     batchnorm_sync=self.batchnorm_sync,
-                                    batchnorm=self.batchnorm,
+                                    batchnorm=self.batchnorm, stem=self.stem,
                                     name="image")(image, train=train)
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,

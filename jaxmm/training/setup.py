@@ -78,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.get("ema_decay", 0.0) < 1.0:
         raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = off)")
     models.check_model_config(config.model)
+    if config.model.get("stem", "conv") == "space_to_depth" and config.image_size % 2:
+        raise ConfigError(f"config.model.stem='space_to_depth' works on 2x2 pixel blocks: "
+                          f"config.image_size={config.image_size} must be even")
     if config.get("init_from"):
         source, _ = warm_start.parse_spec(config.init_from)
         if not os.path.isfile(os.path.join(source, paths.CONFIG_FILE)):
