@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.work, "jax_cache"))
     if args.dry_run:
         env["JAX_PLATFORMS"] = "cpu"

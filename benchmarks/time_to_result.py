@@ -154,7 +154,8 @@ def one_run(args, kind: str, raw: str, result: dict, write) -> dict:
     workdir = os.path.join(args.work, kind)
     shutil.rmtree(workdir, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO}
+           "TF_CPP_MIN_LOG_LEVEL": "3",  # the repository first; wheels added by hand stay
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     run = result["runs"].setdefault(kind, {})
     if kind == "cold":
