@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per process")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="a jaxmm variant: name and extra train_throughput.py flags")
+    p.add_argument("--torch_args", default="",
+                   help="extra torch_reference.py flags: the same change of the math as a "
+                        "variant makes, e.g. '--attention_dropout 0' for attention='fused'")
     p.add_argument("--goal", type=float, default=1.2, help="jaxmm / tuned PyTorch, for the check")
     p.add_argument("--timeout", type=float, default=600.0, help="per process, seconds")
     p.add_argument("--work", default="", help="logs and the JAX cache (default: a temp folder)")
@@ -74,8 +77,8 @@ def commands(args) -> dict[str, list[str]]:
     out = {name: [sys.executable, os.path.join(HERE, "train_throughput.py"), "--skip_e2e",
                   *sizes, *extra] for name, extra in args.variants.items()}
     out["torch"] = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--modes",
-                    "tuned", *sizes, *(["--no_compile", "--device", "cpu"] if args.dry_run
-                                       else [])]
+                    "tuned", *sizes, *shlex.split(args.torch_args),
+                    *(["--no_compile", "--device", "cpu"] if args.dry_run else [])]
     return out
 
 

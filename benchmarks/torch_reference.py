@@ -48,10 +48,12 @@ class FusionClassifier(nn.Module):
     """ResNet + DistilBERT towers and jaxmm's concat fusion head (see module docstring)."""
 
     def __init__(self, image_arch: str, text_arch: str, vocab_size: int, num_classes: int,
-                 proj_dim: int, hidden_dim: int, dropout: float, modality_dropout: float):
+                 proj_dim: int, hidden_dim: int, dropout: float, modality_dropout: float,
+                 attention_dropout: float = 0.1):
         super().__init__()
         rcfg = ResNetConfig(**(TINY_RESNET if image_arch == "tiny" else {}))
-        tcfg = DistilBertConfig(vocab_size=vocab_size, **(TINY_TEXT if text_arch == "tiny" else {}))
+        tcfg = DistilBertConfig(vocab_size=vocab_size, attention_dropout=attention_dropout,
+                                **(TINY_TEXT if text_arch == "tiny" else {}))
         self.image = ResNetModel(rcfg)
         self.text = DistilBertModel(tcfg)
         dims = {"image": rcfg.hidden_sizes[-1], "text": tcfg.dim}
@@ -98,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 = torch's default (one per core)")
+    p.add_argument("--attention_dropout", type=float, default=0.1,
+                   help="DistilBERT's attention-probability dropout (0.1, its own, as first "
+                        "measured); 0 mirrors jaxmm's config.model.attention='fused'")
     p.add_argument("--compare", action="store_true", help="also run jaxmm's train step")
     p.add_argument("--out", default="")
     return p.parse_args(argv)
@@ -117,7 +122,8 @@ def make_model(args, device) -> FusionClassifier:
     c = tt.make_config(jax_args(args))
     return FusionClassifier(args.image_arch, args.text_arch, tt.vocab_size(c),
                             len(tt.TRAIN_COUNTS), c.model.proj_dim, c.model.hidden_dim,
-                            c.model.dropout, c.model.modality_dropout).to(device)
+                            c.model.dropout, c.model.modality_dropout,
+                            args.attention_dropout).to(device)
 
 
 def make_optimizer(model: FusionClassifier, args, fused: bool) -> torch.optim.Optimizer:
@@ -255,6 +261,7 @@ def run(args) -> dict:
            "torch_threads": torch.get_num_threads(), "image_arch": args.image_arch,
            "text_arch": args.text_arch, "image_size": args.image_size,
            "text_length": args.text_length, "global_batch": args.batch_size,
+           "attention_dropout": args.attention_dropout,
            "steps": args.steps, "warmup": args.warmup}
     for mode in [m for m in args.modes.split(",") if m]:
         res[mode] = run_mode(args, device, mode)

@@ -21,12 +21,13 @@ Also: compile time (lower + compile), step time, peak device memory, the memory 
 train state's size (which ``gpu_suite_report.py largest`` turns into the largest batch), and MFU.
 --compile_only stops after the compile: run with JAX_COMPILATION_CACHE_DIR set, it fills the
 cache that a later measurement of the same step reads (benchmarks/gpu_suite.sh does so).
---batchnorm A,B (values of config.model.batchnorm) and/or --stem C,D (config.model.stem)
-measure instead the step alone once per combination (named like "fused+space_to_depth", only
-by the switches given more than one value), each compiled with its own train state from the
-same initialisation, the windows interleaved (order alternating) --batchnorm_reps times; it
-reports per combination the compile time, the first step's metrics (the same model: they
-should agree), the median step time and the median of the per-repetition ratios to the first.
+--batchnorm A,B (values of config.model.batchnorm), --stem C,D (config.model.stem) and/or
+--attention E,F (config.model.attention) measure instead the step alone once per combination
+(named like "fused+space_to_depth", only by the switches given more than one value), each
+compiled with its own train state from the same initialisation, the windows interleaved (order
+alternating) --batchnorm_reps times; it reports per combination the compile time, the first
+step's metrics (the same model: they should agree), the median step time and the median of the
+per-repetition ratios to the first.
 
 FLOPs per sample: for the full model the analytic count, 3 x forward (forward + backward),
 forward = 2 x 4.09 GMAC x (S/224)^2 (ResNet-50) + 2 x 42.5 M x L + 4 x L^2 x 768 x 6 (DistilBERT
@@ -61,6 +62,7 @@ from configs import default as default_config  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
 from jaxmm.models import batchnorm  # noqa: E402
 from jaxmm.models.resnet import STEMS  # noqa: E402
+from jaxmm.models.text import ATTENTIONS  # noqa: E402
 from jaxmm.training import parallel  # noqa: E402
 from jaxmm.training import setup as setup_lib
 
@@ -111,11 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config.model.batchnorm; several, comma-separated: timed side by side")
     p.add_argument("--stem", default="conv",
                    help="config.model.stem; several, comma-separated: timed side by side")
+    p.add_argument("--attention", default="transformers",
+                   help="config.model.attention; several, comma-separated: timed side by side")
     p.add_argument("--batchnorm_reps", type=int, default=5,
                    help="interleaved repetitions of --steps steps per compared combination")
     p.add_argument("--out", default="", help="also write the JSON result here")
     args = p.parse_args(argv)
-    for flag, allowed in (("batchnorm", batchnorm.IMPLEMENTATIONS), ("stem", STEMS)):
+    for flag, allowed in (("batchnorm", batchnorm.IMPLEMENTATIONS), ("stem", STEMS),
+                          ("attention", ATTENTIONS)):
         bad = [v for v in getattr(args, flag).split(",") if v not in allowed]
         if bad:  # one line (argparse's usage error), before any compile
             p.error(f"--{flag}: {bad[0]!r} is not one of {', '.join(allowed)}")
@@ -123,9 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_variants(args) -> dict[str, dict]:
-    """name -> config.model overrides, one per combination of the --batchnorm and --stem
-    values; named by the switches given several values ("fused+space_to_depth")."""
-    choices = {"batchnorm": args.batchnorm.split(","), "stem": args.stem.split(",")}
+    """name -> config.model overrides, one per combination of the --batchnorm, --stem and
+    --attention values; named by the switches given several values ("fused+space_to_depth")."""
+    choices = {"batchnorm": args.batchnorm.split(","), "stem": args.stem.split(","),
+               "attention": args.attention.split(",")}
     varied = [k for k, v in choices.items() if len(v) > 1]
     out = {}
     for combo in itertools.product(*choices.values()):
@@ -158,6 +164,7 @@ def make_config(args):
     c.model.dtype = args.dtype
     c.model.batchnorm = args.batchnorm.split(",")[0]
     c.model.stem = args.stem.split(",")[0]
+    c.model.attention = args.attention.split(",")[0]
     c.image_size, c.max_text_length = args.image_size, args.text_length
     c.stored_image_size = args.stored_image_size or math.ceil(args.image_size * 8 / 7)
     c.batch_size = args.batch_size
@@ -438,7 +445,7 @@ def run(args) -> dict:
            "text_length": args.text_length, "dtype": args.dtype,
            "global_batch": args.batch_size, "steps": args.steps, "warmup": args.warmup,
            "batchnorm": args.batchnorm, "date": datetime.date.today().isoformat()}
-    res["stem"] = args.stem
+    res["stem"], res["attention"] = args.stem, args.attention
     variants = model_variants(args)
     if len(variants) > 1:
         res.update(steps_per_rep=args.steps, reps=args.batchnorm_reps,

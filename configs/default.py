@@ -64,6 +64,10 @@ def get_config():
     # "space_to_depth" (the same convolution and parameter computed as a 4x4 stride-1 one over
     # 2x2 pixel blocks: 12 input channels instead of 3; prepared for GPUs, docs/model.md).
     c.model.stem = "conv"
+    # Text self-attention in training: "transformers" (DistilBERT's as written) or "fused" (one
+    # query/key/value projection and jax.nn.dot_product_attention: cuDNN's fused kernel on GPUs
+    # in bf16). "fused" has no attention dropout: a change of the math (docs/model.md).
+    c.model.attention = "transformers"
 
     # --- Optimisation ---------------------------------------------------------------------------
     c.batch_size = 64  # Global batch, split over all devices of all processes.

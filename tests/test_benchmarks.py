@@ -61,7 +61,10 @@ def test_train_throughput_batchnorm_values(capsys):
         "flax", "fused"]
     both = tt.model_variants(tt.parse_args(["--batchnorm", "flax,fused", "--stem",
                                             "conv,space_to_depth"]))
-    assert both["fused+space_to_depth"] == {"batchnorm": "fused", "stem": "space_to_depth"}
+    assert both["fused+space_to_depth"] == {"batchnorm": "fused", "stem": "space_to_depth",
+                                            "attention": "transformers"}
+    assert list(tt.model_variants(tt.parse_args(["--attention", "transformers,fused"]))) == [
+        "transformers", "fused"]
     assert list(both)[0] == "flax+conv" and len(both) == 4
     assert list(tt.model_variants(tt.parse_args(["--stem", "conv,space_to_depth"]))) == [
         "conv", "space_to_depth"]
@@ -132,6 +135,10 @@ def test_torch_model_matches_jaxmm_parameter_count():
     torch_count = sum(p.numel() for p in ref.make_model(args, "cpu").parameters())
     # BatchNorm running statistics are buffers in torch and batch_stats in jaxmm: not counted.
     assert torch_count == jax_count
+    # The reference keeps DistilBERT's attention dropout unless told to mirror attention="fused".
+    assert ref.make_model(args, "cpu").text.config.attention_dropout == 0.1
+    mirrored = ref.parse_args([*TINY, "--attention_dropout", "0"])
+    assert ref.make_model(mirrored, "cpu").text.config.attention_dropout == 0.0
 
 
 def test_gpu_suite_script_is_valid_bash():

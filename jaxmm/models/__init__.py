@@ -18,7 +18,7 @@ from jaxmm.errors import ConfigError
 from jaxmm.models import batchnorm, pretrained
 from jaxmm.models.fusion import MODALITIES, MultimodalClassifier
 from jaxmm.models.resnet import ARCHS, STEMS, batchnorm_group_size, batchnorm_groups
-from jaxmm.models.text import distilbert_config
+from jaxmm.models.text import ATTENTIONS, distilbert_config
 
 __all__ = ["batchnorm_groups", "build_model", "compute_dtype", "init_variables", "param_labels",
            "pretrained"]
@@ -41,7 +41,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
     Args:
       model_config: ``config.model`` (modalities, image_arch, text_arch, text_pretrained,
         text_pooling, fusion, proj_dim, hidden_dim, dropout, modality_dropout, dtype,
-        freeze_image, batchnorm, stem).
+        freeze_image, batchnorm, stem, attention).
       num_classes: number of output classes.
       vocab_size: tokenizer vocabulary size (embedding table size unless a pretrained
         'distilbert' checkpoint defines it).
@@ -66,6 +66,7 @@ def build_model(model_config, num_classes: int, vocab_size: int,
         freeze_image=bool(model_config.freeze_image), axis_name=axis_name,
         dtype=compute_dtype(model_config.dtype), batchnorm_sync=batchnorm_sync,
         batchnorm=model_config.get("batchnorm", "flax"), stem=model_config.get("stem", "conv"),
+        attention=model_config.get("attention", "transformers"),
     )
 
 
@@ -86,6 +87,9 @@ def check_model_config(model_config) -> None:
                           f"got {model_config.batchnorm!r}")
     if model_config.get("stem", "conv") not in STEMS:
         raise ConfigError(f"config.model.stem must be one of {STEMS}, got {model_config.stem!r}")
+    if model_config.get("attention", "transformers") not in ATTENTIONS:
+        raise ConfigError(f"config.model.attention must be one of {ATTENTIONS}, "
+                          f"got {model_config.attention!r}")
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int,

@@ -115,6 +115,7 @@ class MultimodalClassifier(nn.Module):
     batchnorm_sync: str = "global"  # training only; see ResNet
     batchnorm: str = "flax"  # training-time BatchNorm implementation; see ResNet
     stem: str = "conv"  # training-time stem convolution; see ResNet
+    attention: str = "transformers"  # training-time text self-attention; see TextTower
     # Normalisation of the uint8 image inside the model: (x / 255 - mean) / std per channel.
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
@@ -156,7 +157,8 @@ class MultimodalClassifier(nn.Module):
                                     name="image")(image, train=train)
         if "text" in self.modalities:
             feats["text"] = TextTower(self.text_config, dtype=self.dtype,
-                                      pooling=self.text_pooling, name="text")(
+                                      pooling=self.text_pooling, attention=self.attention,
+                                      name="text")(
                 input_ids, attention_mask, train=train, word_embeddings=word_embeddings)
         return FusionHead(
             self.modalities, self.num_classes, self.proj_dim, self.hidden_dim, self.fusion,

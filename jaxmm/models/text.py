@@ -11,13 +11,20 @@ import contextlib
 import os
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from transformers import DistilBertConfig
-from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
+from transformers.models.distilbert.modeling_flax_distilbert import (
+    FlaxDistilBertModule,
+    FlaxMultiHeadSelfAttention,
+)
 
 from jaxmm.errors import ConfigError
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}
+# Values of config.model.attention: transformers' self-attention as written, or "fused" (one
+# query/key/value projection and jax.nn.dot_product_attention; training only, see below).
+ATTENTIONS = ("transformers", "fused")
 
 
 def distilbert_config(model_config, vocab_size: int) -> DistilBertConfig:
@@ -64,10 +71,46 @@ def pool(hidden: jnp.ndarray, attention_mask: jnp.ndarray, mode: str) -> jnp.nda
     return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
+def fused_self_attention(module: FlaxMultiHeadSelfAttention, hidden: jnp.ndarray,
+                         mask: jnp.ndarray) -> jnp.ndarray:
+    """DistilBERT self-attention from ``module``'s own parameters, without attention dropout:
+    one projection for query, key and value (their kernels side by side), then
+    ``jax.nn.dot_product_attention`` — cuDNN's fused kernel on a GPU in bfloat16 or float16,
+    XLA's elsewhere (the same formula, the logits and softmax in float32).
+
+    Padding is given as each row's length (``key_value_seq_lengths``), which is what cuDNN
+    takes: the tokens of a row must come first and its padding last, as jaxmm's tokenizer pads.
+
+    Args:
+      module: a bound ``FlaxMultiHeadSelfAttention`` (q_lin, k_lin, v_lin, out_lin).
+      hidden: [B, L, dim] (query = key = value in DistilBERT).
+      mask: [B, L] attention mask, 1 for tokens.
+
+    Returns:
+      [B, L, dim], the output projection of the attention.
+    """
+    p = module.variables["params"]
+    dtype = module.dtype
+    kernel = jnp.concatenate([p[n]["kernel"] for n in ("q_lin", "k_lin", "v_lin")], axis=1)
+    bias = jnp.concatenate([p[n]["bias"] for n in ("q_lin", "k_lin", "v_lin")])
+    b, length, dim = hidden.shape
+    heads = module.config.n_heads
+    qkv = hidden.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
+    q, k, v = (t.reshape(b, length, heads, dim // heads) for t in jnp.split(qkv, 3, axis=-1))
+    on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    context = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=jnp.sum(mask, axis=-1).astype(jnp.int32),
+        implementation="cudnn" if on_gpu else "xla")
+    return module.out_lin(context.reshape(b, length, dim))
+
+
 class TextTower(FlaxDistilBertModule):
     """DistilBERT encoder returning pooled float32 features; dropout only when training."""
 
     pooling: str = "cls"
+    # "transformers" or "fused" (``fused_self_attention``): in training only; inference runs
+    # transformers' attention, so the switch is no part of the architecture.
+    attention: str = "transformers"
 
     def __call__(self, input_ids, attention_mask, *, train: bool,
                  word_embeddings=None) -> jnp.ndarray:
@@ -83,14 +126,22 @@ class TextTower(FlaxDistilBertModule):
         Returns:
           float32 [B, dim].
         """
-        def lookup(next_fun, args, kwargs, context):
+        fused = self.attention == "fused" and train
+
+        def intercept(next_fun, args, kwargs, context):
             # The tower holds one nn.Embed of that name (DistilBERT's word-embedding table).
-            if (isinstance(context.module, nn.Embed) and context.method_name == "__call__"
+            if (word_embeddings is not None and isinstance(context.module, nn.Embed)
+                    and context.method_name == "__call__"
                     and context.module.name == "word_embeddings"):
                 return word_embeddings
+            if (fused and isinstance(context.module, FlaxMultiHeadSelfAttention)
+                    and context.method_name == "__call__" and "query" in kwargs
+                    and not kwargs.get("output_attentions")):
+                return (fused_self_attention(context.module, kwargs["query"],
+                                             attention_mask),)
             return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(lookup) if word_embeddings is not None else (
+        with nn.intercept_methods(intercept) if word_embeddings is not None or fused else (
                 contextlib.nullcontext()):
             hidden = super().__call__(
                 input_ids, attention_mask, deterministic=not train, return_dict=True

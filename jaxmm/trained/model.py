@@ -26,11 +26,11 @@ from jaxmm.data import captions, transforms
 
 SPEC_VERSION = 2
 # MultimodalClassifier fields that are not part of the architecture: flax's own, the class count
-# (the length of class_names), the BatchNorm axis and implementation and the stem's
-# implementation (training-time settings: inference reads the running averages with flax's
-# BatchNorm and runs the stem as written, whatever they are).
+# (the length of class_names), the BatchNorm axis and implementation, the stem's and the text
+# attention's implementation (training-time settings: inference reads the running averages with
+# flax's BatchNorm and runs the stem and the attention as written, whatever they are).
 _NOT_ARCHITECTURE = ("parent", "name", "num_classes", "axis_name", "batchnorm_sync", "batchnorm",
-                     "stem")
+                     "stem", "attention")
 TEXT_SOURCES = captions.TEXT_SOURCES
 # Temperatures a model may carry: twice the range the fit searches (0.02 to 50) on each side.
 TEMPERATURE_RANGE = (0.01, 100.0)
