@@ -54,6 +54,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default as default_config  # noqa: E402
 from jaxmm.data import builder, pipeline, prepared, synthetic  # noqa: E402
 from jaxmm.models import batchnorm  # noqa: E402
+from jaxmm.models import text as text_lib  # noqa: E402
 from jaxmm.models.resnet import STEMS  # noqa: E402
 from jaxmm.models.text import ATTENTIONS  # noqa: E402
 from jaxmm.training import parallel  # noqa: E402
@@ -317,6 +319,25 @@ def _median(values) -> float:
     return float(np.median(np.asarray(values)))
 
 
+def attention_parity(config) -> dict | str:
+    """Where the fused attention would run cuDNN's kernel: its output against XLA's for the
+    same random bf16 query/key/value of the text tower's shape (global batch x length, 12
+    heads of 64) and random row lengths, as max and mean absolute difference; else 'n/a'."""
+    dtype = jnp.dtype(config.model.dtype)
+    if text_lib.attention_implementation(dtype) != "cudnn":
+        return f"n/a (XLA's attention on {jax.default_backend()} in {dtype})"
+    rng = np.random.default_rng(0)
+    b, length = config.batch_size, config.max_text_length
+    q, k, v = (jnp.asarray(rng.normal(size=(b, length, 12, 64)), dtype) for _ in range(3))
+    lengths = jnp.asarray(rng.integers(1, length + 1, b), jnp.int32)
+    out = {impl: np.asarray(jax.jit(functools.partial(
+        jax.nn.dot_product_attention, key_value_seq_lengths=lengths, implementation=impl))(
+            q, k, v), np.float32) for impl in ("cudnn", "xla")}
+    diff = np.abs(out["cudnn"] - out["xla"])
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_abs_value": float(np.abs(out["xla"]).max())}
+
+
 def compare_variants(args, config, variants: dict[str, dict]) -> dict:
     """The step alone once per variant (``config.model`` overrides), timed in interleaved
     windows (order alternating per repetition), so that drift on the machine hits every
@@ -450,6 +471,8 @@ def run(args) -> dict:
     if len(variants) > 1:
         res.update(steps_per_rep=args.steps, reps=args.batchnorm_reps,
                    variant_compare=compare_variants(args, config, variants))
+        if "fused" in args.attention.split(","):  # the GPU kernel against its fallback
+            res["attention_cudnn_vs_xla"] = attention_parity(config)
         return res
     step_res, context = measure_step(args, config, devices)
     res.update(step_res)

@@ -97,11 +97,17 @@ def fused_self_attention(module: FlaxMultiHeadSelfAttention, hidden: jnp.ndarray
     heads = module.config.n_heads
     qkv = hidden.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
     q, k, v = (t.reshape(b, length, heads, dim // heads) for t in jnp.split(qkv, 3, axis=-1))
-    on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     context = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=jnp.sum(mask, axis=-1).astype(jnp.int32),
-        implementation="cudnn" if on_gpu else "xla")
+        implementation=attention_implementation(dtype))
     return module.out_lin(context.reshape(b, length, dim))
+
+
+def attention_implementation(dtype) -> str:
+    """``jax.nn.dot_product_attention``'s implementation for the fused attention: cuDNN's
+    fused kernel on a GPU in bfloat16 or float16 (it takes no other dtype), XLA's otherwise."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
 class TextTower(FlaxDistilBertModule):
